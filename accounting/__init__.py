@@ -1,0 +1,43 @@
+"""dptrain's privacy accountant: the single source of every epsilon the project prints.
+
+Framework-agnostic by design: imports only numpy, scipy, dp_accounting and the standard library.
+"""
+
+from .accountants import ACCOUNTANTS, DEFAULT_PLD_DISCRETIZATION
+from .budget import DatasetBudget
+from .calibrate import calibrate_noise_multiplier, calibrate_steps, poisson_from_epochs
+from .errors import (
+    BudgetExceededError,
+    InvalidParameterError,
+    LedgerFormatError,
+    PrivacyError,
+    UnreachableTargetError,
+    UnsupportedAccountantError,
+)
+from .events import (
+    ADD_OR_REMOVE,
+    REPLACE_ONE,
+    SCHEMES,
+    FixedSizeSampling,
+    PoissonSampling,
+    SamplingScheme,
+    ShuffledEpochs,
+    TruncatedPoissonSampling,
+    event_from_dict,
+    event_to_dict,
+    gaussian_release_event,
+    histogram_sensitivity,
+    repeat_and_select,
+    run_events,
+)
+from .ledger import PrivacyLedger, software_versions
+
+__all__ = [
+    "ACCOUNTANTS", "ADD_OR_REMOVE", "DEFAULT_PLD_DISCRETIZATION", "REPLACE_ONE", "SCHEMES",
+    "BudgetExceededError", "DatasetBudget", "FixedSizeSampling", "InvalidParameterError", "LedgerFormatError",
+    "PoissonSampling", "PrivacyError", "PrivacyLedger", "SamplingScheme", "ShuffledEpochs",
+    "TruncatedPoissonSampling", "UnreachableTargetError", "UnsupportedAccountantError",
+    "calibrate_noise_multiplier", "calibrate_steps", "event_from_dict", "event_to_dict",
+    "gaussian_release_event", "histogram_sensitivity", "poisson_from_epochs", "repeat_and_select",
+    "run_events", "software_versions",
+]

@@ -1,0 +1,145 @@
+"""`dptrain ...`: parses arguments, calls the library, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import accounting as acc
+from accounting.errors import check_positive_int
+
+EPILOG_PRIVACY = """\
+examples:
+  dptrain privacy epsilon --sampling-rate 0.004267 --noise-multiplier 1.12 --steps 14040 --delta 1e-5
+  dptrain privacy calibrate --epsilon 8 --delta 1e-5 --dataset-size 60000 --batch-size 256 --epochs 60
+"""
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return "inf" if math.isinf(x) else f"{x:.4f}"
+
+
+def _statement_lines(scheme, sigma: float, steps: int, delta: float, accountant: str) -> list[str]:
+    return [
+        f"  sampling          {scheme.name} (q = {scheme.sampling_rate:.6g}), one DP event per step",
+        f"  relation          {scheme.relation}, privacy unit: example",
+        f"  noise multiplier  {sigma:.6g}",
+        f"  steps             {steps}",
+        f"  delta             {delta:g}",
+        f"  accountant        {accountant} (dp-accounting {acc.software_versions()['dp-accounting']})",
+    ]
+
+
+def _cmd_epsilon(args) -> int:
+    check_positive_int(args.steps, "steps")
+    scheme = acc.PoissonSampling(args.sampling_rate)
+    ledger = acc.PrivacyLedger(accountant="pld" if args.accountant == "all" else args.accountant)
+    ledger.compose(scheme.step_event(args.noise_multiplier), args.steps)
+    which = acc.ACCOUNTANTS if args.accountant == "all" else (args.accountant,)
+    eps = {a: ledger.epsilon(args.delta, a) for a in which}
+    main = eps[ledger.accountant]
+    if args.json:
+        print(json.dumps({
+            "epsilon": main if math.isfinite(main) else "inf", "epsilons": eps, "delta": args.delta,
+            "accountant": ledger.accountant, "sampling": scheme.name, "sampling_rate": scheme.sampling_rate,
+            "noise_multiplier": args.noise_multiplier, "steps": args.steps,
+            "neighbouring_relation": scheme.relation, "privacy_unit": "example",
+            "versions": acc.software_versions(),
+        }))
+        return 0
+    print("accountant   epsilon")
+    for a, e in eps.items():
+        print(f"{a:<12} {_fmt(e)}")
+    print("\nprivacy statement")
+    print("\n".join(_statement_lines(scheme, args.noise_multiplier, args.steps, args.delta, ledger.accountant)))
+    print(f"  => ({_fmt(main)}, {args.delta:g})-DP")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    if args.sampling_rate is not None:
+        if args.steps is None:
+            raise acc.InvalidParameterError("--steps", None, "an integer >= 1 with --sampling-rate")
+        scheme, steps = acc.PoissonSampling(args.sampling_rate), args.steps
+    else:
+        missing = [f for f in ("dataset_size", "batch_size", "epochs") if getattr(args, f) is None]
+        if missing:
+            raise acc.InvalidParameterError(
+                "--" + missing[0].replace("_", "-"), None,
+                "a value: give --sampling-rate Q --steps T, or --dataset-size N --batch-size B --epochs E")
+        scheme, steps = acc.poisson_from_epochs(args.dataset_size, args.batch_size, args.epochs)
+    sigma = acc.calibrate_noise_multiplier(args.epsilon, args.delta, scheme, steps, accountant=args.accountant)
+    ledger = acc.PrivacyLedger(accountant=args.accountant)
+    ledger.compose(scheme.step_event(sigma), steps)
+    eps = ledger.epsilons(args.delta)
+    if args.json:
+        print(json.dumps({
+            "noise_multiplier": sigma, "target_epsilon": args.epsilon, "epsilon": ledger.epsilon(args.delta),
+            "epsilons": eps, "delta": args.delta, "accountant": args.accountant, "sampling": scheme.name,
+            "sampling_rate": scheme.sampling_rate, "steps": steps, "neighbouring_relation": scheme.relation,
+            "privacy_unit": "example", "versions": acc.software_versions(),
+        }))
+        return 0
+    print(f"noise multiplier {sigma:.6g} meets epsilon <= {args.epsilon:g} at delta {args.delta:g} "
+          f"({args.accountant}, verified)")
+    print("\naccountant   epsilon at this noise multiplier")
+    for a, e in eps.items():
+        print(f"{a:<12} {_fmt(e)}")
+    print("\nprivacy statement")
+    print("\n".join(_statement_lines(scheme, sigma, steps, args.delta, args.accountant)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dptrain import __version__
+
+    p = argparse.ArgumentParser(prog="dptrain", description="Differentially private training and honest privacy reports.")
+    p.add_argument("--version", action="version", version=f"dptrain {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    priv = sub.add_parser("privacy", help="privacy accounting: epsilon of a run, noise calibration",
+                          description="Privacy accounting with the shared accountant (PLD by default, RDP too).",
+                          epilog=EPILOG_PRIVACY, formatter_class=argparse.RawDescriptionHelpFormatter)
+    psub = priv.add_subparsers(dest="privacy_command", required=True, metavar="ACTION")
+
+    e = psub.add_parser("epsilon", help="epsilon of Poisson-sampled DP-SGD",
+                        description="Epsilon of T steps of the Poisson-subsampled Gaussian mechanism.")
+    e.add_argument("--sampling-rate", type=float, required=True, metavar="Q", help="q = expected batch / units, in (0, 1]")
+    e.add_argument("--noise-multiplier", type=float, required=True, metavar="S", help="noise std / clipping norm")
+    e.add_argument("--steps", type=int, required=True, metavar="T", help="number of training steps")
+    e.add_argument("--delta", type=float, required=True, metavar="D", help="target delta, in (0, 1)")
+    e.add_argument("--accountant", choices=["pld", "rdp", "all"], default="all",
+                   help="pld (tight, default main number), rdp, or all side by side (default)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=_cmd_epsilon)
+
+    c = psub.add_parser("calibrate", help="noise multiplier for a target (epsilon, delta)",
+                        description="Smallest noise multiplier meeting a target epsilon (verified with the accountant).")
+    c.add_argument("--epsilon", type=float, required=True, metavar="E", help="target epsilon (> 0)")
+    c.add_argument("--delta", type=float, required=True, metavar="D", help="target delta, in (0, 1)")
+    c.add_argument("--sampling-rate", type=float, metavar="Q", help="q (with --steps)")
+    c.add_argument("--steps", type=int, metavar="T", help="number of steps (with --sampling-rate)")
+    c.add_argument("--dataset-size", type=int, metavar="N", help="number of privacy units (with --batch-size, --epochs)")
+    c.add_argument("--batch-size", type=int, metavar="B", help="expected batch size")
+    c.add_argument("--epochs", type=float, metavar="E", help="epochs (steps = ceil(E * N / B))")
+    c.add_argument("--accountant", choices=["pld", "rdp"], default="pld", help="accountant to calibrate with")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=_cmd_calibrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except acc.PrivacyError as err:
+        print(f"dptrain: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
