@@ -94,6 +94,38 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from dptrain.config import load_recipe
+    from dptrain.run import train
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = args.out or f"runs/{recipe.name}"
+    result = train(recipe, out, resume=args.resume, progress=not args.quiet)
+    rec = result.record
+    p, m = rec["privacy"], rec["metrics"]["test"]
+    print(f"run directory: {result.out_dir}")
+    if "warning" in p:
+        print(f"WARNING: {p['warning']}")
+    print(f"privacy: ({p['epsilon'] if isinstance(p['epsilon'], str) else round(p['epsilon'], 4)}, {p['delta']:g})-DP"
+          f" per {p['privacy_unit']} [{p['accountant']}, {p['sampling']} q={p['sampling_rate']:.4g}, "
+          f"sigma={p['noise_multiplier']:.4g}, C={p['clipping_norm']}, {p['steps']} steps]")
+    print("test: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    return 0
+
+
+def _cmd_datasets(args) -> int:
+    from dptrain.data import list_datasets
+
+    rows = list_datasets()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for r in rows:
+        print(f"builtin:{r['name']:<14} {r['rows']:>6} rows  label={r['label']:<12} "
+              f"sensitive={','.join(r['sensitive'])}  {r['description']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dptrain import __version__
 
@@ -129,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--accountant", choices=["pld", "rdp"], default="pld", help="accountant to calibrate with")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=_cmd_calibrate)
+
+    t = sub.add_parser("train", help="train one run from a recipe",
+                       description="Train a model with DP from a YAML recipe and write a run directory "
+                                   "(config.yaml, ledger.json, metrics.jsonl, checkpoint, predictions.parquet, "
+                                   "record.json).")
+    t.add_argument("recipe", help="path to a recipe, e.g. recipes/actg175-mlp.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set privacy.epsilon=2 (repeatable)")
+    t.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
+
+    d = sub.add_parser("datasets", help="list built-in datasets")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_cmd_datasets)
     return p
 
 
@@ -136,9 +184,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except acc.PrivacyError as err:
+    except (acc.PrivacyError, *_user_errors()) as err:
         print(f"dptrain: error: {err}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's input, reported as one clear message (never a traceback)."""
+    from dptrain.config import RecipeError
+
+    errors: list[type[Exception]] = [RecipeError]
+    try:
+        from dptrain.data import DataError
+        from dptrain.run import CheckpointError, RunError
+        from dptrain.trainers.base import TrainerError
+
+        errors += [DataError, RunError, CheckpointError, TrainerError]
+    except ImportError:  # a backend extra is not installed: accounting commands still work
+        pass
+    return tuple(errors)
 
 
 if __name__ == "__main__":

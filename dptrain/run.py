@@ -1,0 +1,274 @@
+"""One training run, end to end: recipe -> data -> plan -> trainer -> THE loop -> run directory.
+
+Everything that can be wrong with the input is checked before the run directory is created, so a
+refused run writes nothing. During training the checkpoint is the single source of truth (one atomic
+file holding model, optimiser, ledger, step and the secret DP seed); ``ledger.json`` and
+``metrics.jsonl`` are rewritten from it. ``resume`` continues from the checkpoint with the same
+ledger, so no step of privacy spending is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import accounting as acc
+from accounting._io import atomic_write_bytes, atomic_write_json
+from dptrain.config import Recipe, RecipeError, dump_recipe
+from dptrain.data import TabularData, load_tabular
+from dptrain.evaluate.metrics import utility_metrics
+from dptrain.trainers.base import TrainerError
+from dptrain.trainers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dptrain.trainers.loop import run_loop
+from dptrain.trainers.plan import PrivacyPlan
+from dptrain.trainers.sampler import UnitSampler
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class RunError(ValueError):
+    """The run cannot start or resume; the message says why and what to do."""
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    record: dict[str, Any]
+
+
+def _slug(source: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", source.removeprefix("builtin:").split("/")[-1]).strip("-") or "data"
+
+
+def build_trainer(recipe: Recipe):
+    t = recipe.trainer
+    if t.backend == "opacus":
+        from dptrain.trainers.opacus_backend import OpacusTrainer
+
+        return OpacusTrainer(recipe.optimizer, grad_sample_mode=t.grad_sample_mode,
+                             max_physical_batch_size=t.max_physical_batch_size, secure_rng=recipe.privacy.secure_rng)
+    raise TrainerError(f"trainer.backend: {t.backend!r} is not available in this version; use backend: opacus")
+
+
+def build_model(recipe: Recipe, data: TabularData):
+    import torch
+
+    from dptrain.models.torch_models import build_torch_model
+
+    with torch.random.fork_rng():  # deterministic init from the recipe seed, global RNG untouched
+        torch.manual_seed(recipe.seed)
+        return build_torch_model(recipe.model, data.x_train.shape[1], len(data.classes))
+
+
+def privacy_statement(plan: PrivacyPlan, ledger: acc.PrivacyLedger, recipe: Recipe) -> dict[str, Any]:
+    """The full privacy statement of a run (DESIGN invariant 5)."""
+    st = ledger.statement(plan.delta)
+    independent = plan.planned_ledger().epsilon(plan.delta) if ledger.steps == plan.steps else None
+    unit = plan.privacy_unit
+    st.update({
+        "mode": plan.mode,
+        "sampling": plan.scheme.name,
+        "sampling_rate": plan.scheme.sampling_rate,
+        "expected_batch_size": plan.expected_batch_size,
+        "noise_multiplier": plan.noise_multiplier,
+        "planned_steps": plan.steps,
+        "clipping_norm": plan.clipping_norm,
+        "clipping_granularity": None if plan.mode == "non_private" else (
+            "per example" if unit == "example" else f"per {unit} (all rows of a unit summed, then clipped)"),
+        "target_epsilon": plan.target_epsilon if plan.target_epsilon is None or math.isfinite(plan.target_epsilon)
+        else "inf",
+        "epsilon_recomputed_from_plan": independent if independent is None or math.isfinite(independent) else "inf",
+        "hyperparameter_selection_accounted": False,
+        "dp_randomness": "OS CSPRNG" if recipe.privacy.secure_rng else "PRNG seeded from OS entropy (secret seed)",
+        "covers": "training records only; test-set metrics and the test predictions are not protected",
+    })
+    if plan.mode == "non_private":
+        st["warning"] = "NOT PRIVATE: non-private baseline (no clipping, no noise); epsilon is infinite"
+    elif plan.mode == "clip_only":
+        st["warning"] = "NOT PRIVATE: clip_only debugging mode (clipping without noise); epsilon is infinite"
+    return st
+
+
+class _Progress:
+    """Progress bar: step, epoch, running loss, epsilon spent so far, ETA (tqdm)."""
+
+    def __init__(self, plan: PrivacyPlan, start: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.plan, self.k = plan, plan.scheme.steps_per_epoch()
+        self.bar = tqdm(total=plan.steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+        self.loss, self.rows, self.eps = 0.0, 0, None
+
+    def __call__(self, done: int, stats, ledger) -> None:
+        self.loss += stats.loss_sum
+        self.rows += stats.rows
+        if done % self.k == 0 or done == self.plan.steps:
+            self.eps = ledger.epsilon(self.plan.delta)
+        self.bar.update(1)
+        self.bar.set_postfix(epoch=f"{done / self.k:.1f}", loss=f"{self.loss / max(self.rows, 1):.4f}",
+                             eps="n/a" if self.eps is None else f"{self.eps:.3g}", refresh=False)
+
+    def close(self):
+        self.bar.close()
+
+
+def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed: int | None = None,
+          progress: bool = True, checkpoint_every: int | None = None) -> RunResult:
+    """Train one run into ``out_dir``. See the module docstring for the crash-safety contract."""
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    if (out / "record.json").exists() and not resume:
+        raise RunError(f"--out {out}: a finished run is already there; choose another --out")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise RunError(f"--out {out}: directory is not empty (an interrupted run?); pass --resume or another --out")
+    if resume and not ckpt_path.exists() and not (out / "config.yaml").exists():
+        raise RunError(f"--resume: no interrupted run in {out}; start a new run without --resume")
+    if resume and (out / "record.json").exists():
+        return RunResult(out, json.loads((out / "record.json").read_text()))
+
+    # ---- validate everything before writing anything ----
+    data = load_tabular(recipe.data, seed=recipe.seed)
+    plan = PrivacyPlan.from_recipe(recipe, data.num_units, data.privacy_unit)
+    if plan.mode == "dp" and plan.target_epsilon is not None:
+        planned = plan.planned_ledger().epsilon(plan.delta)
+        if planned > plan.target_epsilon:  # calibration guarantees this never happens; check anyway
+            raise RunError(f"plan: planned epsilon {planned:.4g} exceeds target {plan.target_epsilon}; refusing")
+    config_text = dump_recipe(recipe)
+    if resume and (out / "config.yaml").exists() and (out / "config.yaml").read_text() != config_text:
+        raise RunError(f"--resume: the recipe differs from {out / 'config.yaml'}; resume with the same recipe "
+                       "and --set overrides as the original run")
+    trainer = build_trainer(recipe)
+    model = build_model(recipe, data)
+    budget = None
+    if recipe.privacy.dataset_budget is not None:
+        budget_path = out.parent / f"{_slug(recipe.data.source)}.budget.json"
+        budget = acc.DatasetBudget.create(
+            budget_path, epsilon=recipe.privacy.dataset_budget, delta=plan.delta, relation=plan.relation,
+            privacy_unit=plan.privacy_unit, accountant=plan.accountant, exist_ok=True)
+        budget.reserve(out.name, plan.planned_ledger())  # refuses (writing nothing) if it would overspend
+
+    # ---- start or resume ----
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: list[dict[str, Any]] = []
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        ledger = acc.PrivacyLedger.from_dict(json.loads(state["ledger"]))
+        dp_seed, start = int(state["dp_seed"]), int(state["step"])
+        metrics = json.loads(state["metrics"])
+        trainer.init(model, plan, seed=recipe.seed, dp_seed=dp_seed, fix_batchnorm=recipe.model.fix_batchnorm)
+        trainer.load_state_dict(state["trainer"])
+    else:
+        dp_seed = secrets.randbits(63) if dp_seed is None else int(dp_seed)
+        ledger, start = plan.new_ledger(run=out.name, recipe=recipe.name), 0
+        trainer.init(model, plan, seed=recipe.seed, dp_seed=dp_seed, fix_batchnorm=recipe.model.fix_batchnorm)
+        atomic_write_bytes(out / "config.yaml", config_text.encode())
+
+    sampler = UnitSampler(data.units_train, data.num_units, plan.scheme, dp_seed=dp_seed,
+                          secure=recipe.privacy.secure_rng)
+    k = plan.scheme.steps_per_epoch()
+    every = checkpoint_every or k
+    bar = _Progress(plan, start, progress)
+    epoch_loss = {"sum": 0.0, "rows": 0}
+
+    def save(done: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "trainer": trainer.state_dict(), "ledger": json.dumps(ledger.to_dict()), "step": done,
+            "dp_seed": dp_seed, "metrics": json.dumps(metrics)})
+        ledger.save(out / "ledger.json")
+        atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
+
+    def on_step(done: int, stats, led) -> None:
+        epoch_loss["sum"] += stats.loss_sum
+        epoch_loss["rows"] += stats.rows
+        if done % k == 0 or done == plan.steps:
+            eps = led.epsilon(plan.delta)
+            metrics.append({"epoch": round(done / k, 3), "step": done, "epsilon": eps if math.isfinite(eps) else "inf",
+                            "train_loss_mean": epoch_loss["sum"] / max(epoch_loss["rows"], 1)})
+            epoch_loss.update(sum=0.0, rows=0)
+        if done % every == 0 or done == plan.steps:
+            save(done)
+
+    t0 = time.time()
+    try:
+        run_loop(trainer, sampler, plan, ledger, data.x_train, data.y_train, data.units_train,
+                 start_step=start, callbacks=[bar, on_step])
+    finally:
+        bar.close()
+    seconds = time.time() - t0
+
+    # ---- evaluate and record ----
+    probs = trainer.predict(data.x_test)
+    scores = probs[:, 1] if probs.shape[1] == 2 else probs
+    test_metrics = utility_metrics(data.y_test, scores)
+    _write_predictions(out / "predictions.parquet", data, probs)
+    ledger.save(out / "ledger.json")
+    if budget is not None:
+        budget.settle(out.name, ledger)
+    record = {
+        "format": "dptrain.run-record/1",
+        "status": "finished",
+        "recipe": recipe.name,
+        "privacy": privacy_statement(plan, ledger, recipe),
+        "metrics": {"test": test_metrics},
+        "data": {"source": data.source, "n_train": int(len(data.y_train)), "n_test": int(len(data.y_test)),
+                 "num_units": data.num_units, "privacy_unit": data.privacy_unit, "classes": data.classes,
+                 "features": data.feature_names, "preprocessing": data.preprocessing},
+        "training": {"backend": recipe.trainer.backend, "grad_sample_mode": recipe.trainer.grad_sample_mode,
+                     "steps": ledger.steps, "seconds_this_session": round(seconds, 2), "resumed": resume},
+        "versions": _versions(),
+    }
+    atomic_write_json(out / "record.json", _jsonable(record))
+    return RunResult(out, record)
+
+
+def _write_predictions(path: Path, data: TabularData, probs: np.ndarray) -> None:
+    import io
+
+    import pandas as pd
+
+    frame = pd.DataFrame({"y_true": data.y_test})
+    if probs.shape[1] == 2:
+        frame["score"] = probs[:, 1]
+    else:
+        for i, c in enumerate(data.classes):
+            frame[f"prob_{c}"] = probs[:, i]
+    for col in data.sensitive_test.columns:
+        frame[col] = data.sensitive_test[col].to_numpy()
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = acc.software_versions()
+    for pkg in ("torch", "opacus", "jax", "flax", "optax", "pydantic"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    return obj
+
+
+__all__ = ["RunError", "RunResult", "train", "CheckpointError", "RecipeError"]

@@ -1,0 +1,237 @@
+"""The Opacus backend: per-example (or per-unit) clipping with Opacus, fed by dptrain's sampler.
+
+Guarantees of ``dp_step`` (a DP run): each privacy unit's summed gradient is clipped to L2 norm C,
+clipped gradients are summed, Gaussian noise of std sigma*C is added once, and the result is divided
+by the *expected* batch size (never the realised one). An empty batch still takes a noise-only step.
+Logical batches larger than ``max_physical_batch_size`` are processed in chunks (virtual steps)
+that never split a unit. ``grad_sample_mode``: ``hooks`` (per-sample gradients via module hooks,
+supports per-patient units) or ``ghost`` (ghost clipping: norms without per-sample gradients;
+per-example units only).
+
+Noise comes from a torch generator reseeded each step from the secret ``dp_seed`` (resumable), or
+with ``secure_rng`` from the OS CSPRNG (sum of four Gaussians / 2, Opacus's floating-point attack
+mitigation).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from dptrain.config import OptimizerConfig
+from dptrain.trainers.base import Batch, StepStats, TrainerError
+from dptrain.trainers.plan import PrivacyPlan
+
+
+# Opacus's hooks fire on module outputs when inputs need no grad; harmless and expected here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+
+def secure_gaussian(shape: torch.Size, std: float, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian noise from os.urandom via Box-Muller, summed 4x and halved (same std)."""
+    n = int(np.prod(shape)) if len(shape) else 1
+    raw = np.frombuffer(os.urandom(16 * 4 * n), dtype=np.uint64).reshape(4, 2, n)
+    u = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+    z = np.sqrt(-2.0 * np.log(u[:, 0])) * np.cos(2.0 * np.pi * u[:, 1])
+    return torch.from_numpy(z.sum(0) / 2.0 * std).reshape(shape).to(dtype)
+
+
+class _OurNoise:
+    """Mixin replacing Opacus's ``add_noise`` with our noise source (same std: sigma * C)."""
+
+    noise_fn = None
+
+    def add_noise(self):
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + self.noise_fn(p.summed_grad.shape, std, p.summed_grad.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+class _DPOptimizer(_OurNoise, DPOptimizer):
+    pass
+
+
+class _DPOptimizerGhost(_OurNoise, DPOptimizerFastGradientClipping):
+    pass
+
+
+def check_model(model: nn.Module, *, fix: bool) -> nn.Module:
+    """Refuse (or fix) modules Opacus cannot train privately, with a message that teaches."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and not fix:
+        raise TrainerError(
+            "model: BatchNorm cannot be trained with DP: it mixes statistics across the examples of a batch, "
+            "so one example's gradient depends on the others and per-example clipping no longer bounds its "
+            "influence. Use GroupNorm (or LayerNorm), or set model.fix_batchnorm: true to replace it.")
+    if fix:
+        model = ModuleValidator.fix(model)
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise TrainerError(f"model: Opacus cannot compute per-example gradients for it: {errors[0]}")
+    return model
+
+
+class OpacusTrainer:
+    def __init__(self, optimizer: OptimizerConfig, *, grad_sample_mode: str = "hooks",
+                 max_physical_batch_size: int = 1024, secure_rng: bool = False):
+        self.opt_cfg, self.mode = optimizer, grad_sample_mode
+        self.max_physical, self.secure = max_physical_batch_size, secure_rng
+        self.steps_done = 0
+
+    # ---- setup ----
+    def init(self, model: nn.Module, plan: PrivacyPlan, *, seed: int, dp_seed: int, fix_batchnorm: bool = False):
+        model = check_model(model, fix=fix_batchnorm)
+        self.plan, self.dp_seed = plan, int(dp_seed)
+        self.module = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        o = self.opt_cfg
+        base = (torch.optim.SGD(params, lr=o.lr, momentum=o.momentum) if o.name == "sgd"
+                else torch.optim.Adam(params, lr=o.lr))
+        self.base_opt = base
+        self._gen = torch.Generator()
+        if plan.mode == "non_private":
+            self.model, self.opt = model, base
+            return
+        if plan.privacy_unit != "example" and self.mode == "ghost":
+            raise TrainerError("trainer.grad_sample_mode: ghost clipping clips per row, but the privacy unit is "
+                               f"{plan.privacy_unit!r}; use grad_sample_mode: hooks for per-patient clipping")
+        kw = dict(noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clipping_norm,
+                  expected_batch_size=plan.expected_batch_size, loss_reduction="mean")
+        if self.mode == "ghost":
+            self.model = GradSampleModuleFastGradientClipping(
+                model, batch_first=True, loss_reduction="sum", max_grad_norm=plan.clipping_norm,
+                use_ghost_clipping=True)
+            self.opt = _DPOptimizerGhost(base, **kw)
+        else:
+            self.model = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+            self.opt = _DPOptimizer(base, **kw)
+        self.opt.noise_fn = self._noise
+
+    def _noise(self, shape, std: float, dtype) -> torch.Tensor:
+        if std == 0:
+            return torch.zeros(shape, dtype=dtype)
+        if self.secure:
+            return secure_gaussian(shape, std, dtype)
+        return torch.normal(0.0, std, size=shape, generator=self._gen, dtype=dtype)
+
+    # ---- one step ----
+    def _chunks(self, batch: Batch) -> list[np.ndarray]:
+        """Row groups of at most max_physical rows that never split a unit."""
+        order = np.argsort(batch.units, kind="stable")
+        units = batch.units[order]
+        cuts = np.flatnonzero(np.diff(units)) + 1
+        groups = np.split(order, cuts)
+        chunks, cur, size = [], [], 0
+        for g in groups:
+            if cur and size + len(g) > self.max_physical:
+                chunks.append(np.concatenate(cur))
+                cur, size = [], 0
+            cur.append(g)
+            size += len(g)
+        if cur:
+            chunks.append(np.concatenate(cur))
+        return chunks
+
+    def dp_step(self, batch: Batch) -> StepStats:
+        seed = np.random.SeedSequence([self.dp_seed, 3, self.steps_done]).generate_state(1, np.uint64)[0]
+        self._gen.manual_seed(int(seed) & ((1 << 63) - 1))
+        self.model.train()
+        if self.plan.mode == "non_private":
+            stats = self._plain_step(batch)
+        elif len(batch) == 0:
+            stats = self._noise_only_step()
+        else:
+            stats = self._private_step(batch)
+        self.steps_done += 1
+        return stats
+
+    def _tensors(self, batch: Batch, rows: np.ndarray):
+        return torch.from_numpy(batch.x[rows]).float(), torch.from_numpy(batch.y[rows]).long()
+
+    def _plain_step(self, batch: Batch) -> StepStats:
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for rows in self._chunks(batch) if len(batch) else []:
+            x, y = self._tensors(batch, rows)
+            loss = nn.functional.cross_entropy(self.model(x), y, reduction="sum")
+            (loss / self.plan.expected_batch_size).backward()
+            total += float(loss.detach())
+        self.opt.step()
+        return StepStats(total, len(batch))
+
+    def _noise_only_step(self) -> StepStats:
+        std = self.plan.noise_multiplier * self.plan.clipping_norm
+        for p in self.opt.params:
+            p.grad = self._noise(p.shape, std, p.dtype) / self.plan.expected_batch_size
+        self.base_opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return StepStats(0.0, 0)
+
+    def _private_step(self, batch: Batch) -> StepStats:
+        chunks = self._chunks(batch)
+        total = 0.0
+        for i, rows in enumerate(chunks):
+            x, y = self._tensors(batch, rows)
+            per_row = nn.functional.cross_entropy(self.model(x), y, reduction="none")
+            if self.mode == "ghost":
+                per_row.sum().backward(retain_graph=True)
+                coeff = self.model.get_clipping_coef()
+                self.opt.zero_grad()
+                self.model.disable_hooks()
+                (coeff * per_row).sum().backward()
+                self.model.enable_hooks()
+            else:
+                per_row.sum().backward()
+                self._sum_per_unit(batch.units[rows])
+            total += float(per_row.detach().sum())
+            if i < len(chunks) - 1:
+                self.opt.signal_skip_step(do_skip=True)
+            self.opt.step()
+            self.opt.zero_grad()
+        return StepStats(total, len(batch))
+
+    def _sum_per_unit(self, units: np.ndarray) -> None:
+        """Replace per-row gradients by per-unit sums, so clipping bounds each unit's whole contribution."""
+        uniq, inverse = np.unique(units, return_inverse=True)
+        if len(uniq) == len(units):
+            return
+        idx = torch.from_numpy(inverse)
+        for p in self.opt.params:
+            g = p.grad_sample
+            p.grad_sample = torch.zeros((len(uniq), *g.shape[1:]), dtype=g.dtype).index_add_(0, idx, g)
+
+    # ---- inference and state ----
+    @torch.no_grad()
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        self.module.eval()
+        out = []
+        for start in range(0, len(x), 4096):
+            logits = self.module(torch.from_numpy(np.asarray(x[start:start + 4096])).float())
+            out.append(torch.softmax(logits, dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 2))
+
+    def state_dict(self) -> dict:
+        return {"model": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
+                "optimizer": copy.deepcopy(self.base_opt.state_dict()), "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.base_opt.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["steps_done"])
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+
