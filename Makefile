@@ -22,6 +22,8 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/dptrain privacy epsilon --sampling-rate 0.0042666667 --noise-multiplier 1.12 --steps 14040 --delta 1e-5
 	$(VENV)/bin/dptrain privacy calibrate --epsilon 8 --delta 1e-5 --dataset-size 60000 --batch-size 256 --epochs 60
+	@rm -rf runs/demo-actg175-eps8
+	$(VENV)/bin/dptrain train recipes/actg175-mlp.yaml --set privacy.epsilon=8 --out runs/demo-actg175-eps8
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -112,28 +112,47 @@ def calibrate_noise_multiplier(
     eps = _eps_fn(scheme, steps, delta, accountant)
     proxy, solve = _proxy(scheme, steps, delta)
     fine = pld_discretization
-    # Newton steps on log eps(log sigma) with the slope of the proxy (cheap, and close to the true one):
-    # one step at a mid-size PLD grid, then steps verified at the ledger's grid until within 0.35%.
+
     def slope(sig: float) -> float:
         return (math.log(proxy(sig * 1.01)) - math.log(proxy(sig))) / math.log(1.01)
 
+    def newton(sig: float, e: float, margin: float) -> float:
+        """Step in log-log space with the proxy's slope, averaged along the step (trapezoid)."""
+        s0 = slope(sig)
+        s1 = slope(sig * math.exp((math.log(target) - math.log(e)) / s0))
+        return sig * math.exp((math.log(target) - math.log(e)) / ((s0 + s1) / 2)) * (1 + margin)
+
+    # 1. where the proxy meets the target; 2. one Newton step from a mid-size PLD grid; 3. safeguarded
+    # secant iterations at the ledger's grid, keeping a bracket lo (fails) < sigma* <= hi (meets).
     sigma = solve(target)
-    level = max(fine, min(3e-4, target / 3000.0)) if accountant == "pld" else fine
-    best = math.inf
-    for _ in range(8):
-        e = eps(sigma, level)
-        if e <= 0 or math.isinf(e):
+    if accountant == "pld":
+        e_mid = eps(sigma, max(fine, min(3e-4, target / 3000.0)))
+        if 0 < e_mid < math.inf:
+            sigma = newton(sigma, e_mid, 1e-3)
+    lo: tuple[float, float] | None = None
+    hi: tuple[float, float] | None = None
+    for _ in range(12):
+        e = eps(sigma, fine)
+        if not (0 < e < math.inf):
             break
-        s0 = slope(sigma)
-        gap = (math.log(target) - math.log(e)) / s0  # predicted log(sigma* / sigma)
-        if level == fine and e <= target:
-            best = min(best, sigma)
-            if -gap < 3.5e-3:  # within 0.35% of the smallest sigma (the promise is 0.5%)
+        if e <= target:
+            hi = (sigma, e) if hi is None or sigma < hi[0] else hi
+        else:
+            lo = (sigma, e) if lo is None or sigma > lo[0] else lo
+        if hi is not None and lo is not None:
+            if hi[0] / lo[0] - 1 < 3.5e-3:  # sigma* in (lo, hi]: hi is within 0.35% of it
                 break
-        s_avg = (s0 + slope(sigma * math.exp(gap))) / 2  # trapezoid: the slope changes along the step
-        margin = 1e-3 if level != fine else 2e-4  # land on the safe side of the finer grid
-        sigma, level = sigma * math.exp((math.log(target) - math.log(e)) / s_avg) * (1 + margin), fine
-    return best if best < math.inf else _verified(eps, sigma * 1.002, target, fine)
+            # regula falsi in log-log space, kept strictly inside the bracket
+            t = (math.log(target) - math.log(lo[1])) / (math.log(hi[1]) - math.log(lo[1]))
+            t = min(max(t, 0.1), 0.9)
+            sigma = math.exp(math.log(lo[0]) + t * (math.log(hi[0]) - math.log(lo[0]))) * (1 + 2e-4)
+        elif hi is not None:
+            if (math.log(target) - math.log(e)) / -slope(sigma) < 2.5e-3:  # predicted within 0.25%
+                break
+            sigma = min(newton(sigma, e, 2e-4), sigma * (1 - 5e-4))
+        else:
+            sigma = max(newton(sigma, e, 2e-4), sigma * (1 + 5e-4))
+    return hi[0] if hi is not None else _verified(eps, sigma * 1.002, target, fine)
 
 
 def _verified(eps, sigma: float, target: float, discretization: float) -> float:

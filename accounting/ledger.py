@@ -113,14 +113,18 @@ class PrivacyLedger:
             raise InvalidParameterError("accountant", accountant, "'pld' or 'rdp'")
         return accountant
 
-    def epsilon(self, delta: float, accountant: str | None = None) -> float:
-        """Epsilon at ``delta`` (0 for an empty ledger, inf if any event is non-private)."""
+    def epsilon(self, delta: float, accountant: str | None = None, *, quick: bool = False) -> float:
+        """Epsilon at ``delta`` (0 for an empty ledger, inf if any event is non-private).
+
+        ``quick=True`` uses a 10x coarser PLD grid: still a valid upper bound (pessimistic rounding),
+        slightly above the final number; meant for progress displays, not for records.
+        """
         accountant = self._accountant(accountant)
-        key = ("eps", accountant, float(delta))
+        d = self.pld_discretization * (10 if quick else 1)
+        key = ("eps", accountant, float(delta), d)
         if key not in self._cache:
-            self._cache[key] = _acc.epsilon_of(
-                self.pairs(), delta, accountant, RELATIONS[self.relation], pld_discretization=self.pld_discretization
-            )
+            self._cache[key] = _acc.epsilon_of(self.pairs(), delta, accountant, RELATIONS[self.relation],
+                                               pld_discretization=d)
         return self._cache[key]
 
     def delta(self, epsilon: float, accountant: str | None = None) -> float:

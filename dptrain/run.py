@@ -14,6 +14,7 @@ import math
 import re
 import secrets
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,9 @@ class _Progress:
         self.loss += stats.loss_sum
         self.rows += stats.rows
         if done % self.k == 0 or done == self.plan.steps:
-            self.eps = ledger.epsilon(self.plan.delta)
+            self.eps = ledger.epsilon(self.plan.delta, quick=True)
         self.bar.update(1)
-        self.bar.set_postfix(epoch=f"{done / self.k:.1f}", loss=f"{self.loss / max(self.rows, 1):.4f}",
+        self.bar.set_postfix(epoch=f"{self.plan.epochs_done(done):.1f}", loss=f"{self.loss / max(self.rows, 1):.4f}",
                              eps="n/a" if self.eps is None else f"{self.eps:.3g}", refresh=False)
 
     def close(self):
@@ -148,12 +149,20 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
     trainer = build_trainer(recipe)
     model = build_model(recipe, data)
     budget = None
+    run_id = _read_run_id(out) if resume else None
+    run_id = run_id or f"{out.name}-{uuid.uuid4().hex[:12]}"  # unique: a reused --out is charged again
     if recipe.privacy.dataset_budget is not None:
         budget_path = out.parent / f"{_slug(recipe.data.source)}.budget.json"
+        planned = plan.planned_ledger()
+        if not budget_path.exists() and planned.epsilon(plan.delta) > recipe.privacy.dataset_budget:
+            raise acc.BudgetExceededError(
+                f"budget: this run alone would spend epsilon={planned.epsilon(plan.delta):.4g} at delta="
+                f"{plan.delta:g}, over privacy.dataset_budget={recipe.privacy.dataset_budget:g}; lower "
+                "privacy.epsilon or train fewer steps. Nothing was written.")
         budget = acc.DatasetBudget.create(
             budget_path, epsilon=recipe.privacy.dataset_budget, delta=plan.delta, relation=plan.relation,
             privacy_unit=plan.privacy_unit, accountant=plan.accountant, exist_ok=True)
-        budget.reserve(out.name, plan.planned_ledger())  # refuses (writing nothing) if it would overspend
+        budget.reserve(run_id, planned)  # refuses (writing nothing) if it would overspend
 
     # ---- start or resume ----
     out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +179,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
         ledger, start = plan.new_ledger(run=out.name, recipe=recipe.name), 0
         trainer.init(model, plan, seed=recipe.seed, dp_seed=dp_seed, fix_batchnorm=recipe.model.fix_batchnorm)
         atomic_write_bytes(out / "config.yaml", config_text.encode())
+        atomic_write_bytes(out / "run_id", run_id.encode())
 
     sampler = UnitSampler(data.units_train, data.num_units, plan.scheme, dp_seed=dp_seed,
                           secure=recipe.privacy.secure_rng)
@@ -189,8 +199,9 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
         epoch_loss["sum"] += stats.loss_sum
         epoch_loss["rows"] += stats.rows
         if done % k == 0 or done == plan.steps:
-            eps = led.epsilon(plan.delta)
-            metrics.append({"epoch": round(done / k, 3), "step": done, "epsilon": eps if math.isfinite(eps) else "inf",
+            eps = led.epsilon(plan.delta, quick=True)  # per-epoch upper bound; the record has the final number
+            metrics.append({"epoch": round(plan.epochs_done(done), 3), "step": done,
+                            "epsilon_upper_bound": eps if math.isfinite(eps) else "inf",
                             "train_loss_mean": epoch_loss["sum"] / max(epoch_loss["rows"], 1)})
             epoch_loss.update(sum=0.0, rows=0)
         if done % every == 0 or done == plan.steps:
@@ -211,7 +222,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
     _write_predictions(out / "predictions.parquet", data, probs)
     ledger.save(out / "ledger.json")
     if budget is not None:
-        budget.settle(out.name, ledger)
+        budget.settle(run_id, ledger)
     record = {
         "format": "dptrain.run-record/1",
         "status": "finished",
@@ -227,6 +238,13 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
     }
     atomic_write_json(out / "record.json", _jsonable(record))
     return RunResult(out, record)
+
+
+def _read_run_id(out: Path) -> str | None:
+    try:
+        return (out / "run_id").read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def _write_predictions(path: Path, data: TabularData, probs: np.ndarray) -> None:

@@ -46,6 +46,12 @@ class PrivacyPlan:
     def relation(self) -> str:
         return self.scheme.relation
 
+    def epochs_done(self, steps: int) -> float:
+        """Passes over the data after ``steps`` steps (expected passes under Poisson sampling)."""
+        if isinstance(self.scheme, acc.ShuffledEpochs):
+            return steps / self.scheme.steps_per_epoch()
+        return steps * self.expected_batch_size / self.num_units
+
     def step_event(self, step: int) -> dpa.DpEvent:
         if self.mode != "dp":
             return dpa.NonPrivateDpEvent()
