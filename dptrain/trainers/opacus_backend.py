@@ -32,7 +32,6 @@ from dptrain.config import OptimizerConfig
 from dptrain.trainers.base import Batch, StepStats, TrainerError
 from dptrain.trainers.plan import PrivacyPlan
 
-
 # Opacus's hooks fire on module outputs when inputs need no grad; harmless and expected here.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
