@@ -45,21 +45,21 @@ class UnitSampler:
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.dp_seed, *key])
 
-    def _uniform(self, n: int, step: int) -> np.ndarray:
-        return secure_uniform(n) if self.secure else self._rng(1, step).random(n)
+    def _uniform(self, n: int, stream: int, step: int) -> np.ndarray:
+        return secure_uniform(n) if self.secure else self._rng(stream, step).random(n)
 
     def sample_units(self, step: int) -> np.ndarray:
         s = self.scheme
         if isinstance(s, acc.PoissonSampling):
-            return np.flatnonzero(self._uniform(self.num_units, step) < s.sampling_rate)
+            return np.flatnonzero(self._uniform(self.num_units, 1, step) < s.sampling_rate)
         if isinstance(s, acc.TruncatedPoissonSampling):
-            chosen = np.flatnonzero(self._uniform(self.num_units, step) < s.sampling_rate)
+            chosen = np.flatnonzero(self._uniform(self.num_units, 1, step) < s.sampling_rate)
             if len(chosen) > s.max_batch_size:  # truncate by a uniformly random subset
-                keys = self._uniform(len(chosen), -step - 1)
+                keys = self._uniform(len(chosen), 4, step)
                 chosen = np.sort(chosen[np.argsort(keys)[: s.max_batch_size]])
             return chosen
         if isinstance(s, acc.FixedSizeSampling):
-            keys = self._uniform(self.num_units, step)
+            keys = self._uniform(self.num_units, 3, step)
             return np.sort(np.argsort(keys)[: s.batch_size])
         if isinstance(s, acc.ShuffledEpochs):
             k = s.steps_per_epoch()
