@@ -92,6 +92,17 @@ class TruncatedPoissonSampling:
         check_probability(self.sampling_rate)
         check_positive_int(self.max_batch_size, "max_batch_size")
 
+    @classmethod
+    def with_headroom(cls, expected_batch_size: int, dataset_size: int,
+                      truncation_probability: float = 1e-9) -> TruncatedPoissonSampling:
+        """q = expected / n, and the smallest max batch whose overflow probability per step is below
+        ``truncation_probability`` (truncation is then so rare it costs almost no epsilon)."""
+        from scipy import stats
+
+        base = PoissonSampling.from_batch_size(expected_batch_size, dataset_size)
+        cap = int(stats.binom.isf(truncation_probability, dataset_size, base.sampling_rate)) + 1
+        return cls(dataset_size, base.sampling_rate, min(dataset_size, max(cap, 1)))
+
     def steps_per_epoch(self) -> int:
         return max(1, round(1 / self.sampling_rate))
 

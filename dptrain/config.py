@@ -55,7 +55,9 @@ class ModelConfig(_Strict):
 
 class TrainerConfig(_Strict):
     backend: Literal["opacus", "jax"] = "opacus"
-    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    grad_sample_mode: Literal["hooks", "ghost"] = Field("hooks", description="opacus: per-sample hooks or ghost clipping")
+    clipping: Literal["auto", "vmap"] = Field(
+        "auto", description="jax: fast per-layer clipping where possible (auto) or vmap per-example gradients")
     max_physical_batch_size: int = Field(1024, ge=1, description="split larger logical batches into virtual steps")
 
 

@@ -56,10 +56,21 @@ def build_trainer(recipe: Recipe):
 
         return OpacusTrainer(recipe.optimizer, grad_sample_mode=t.grad_sample_mode,
                              max_physical_batch_size=t.max_physical_batch_size, secure_rng=recipe.privacy.secure_rng)
-    raise TrainerError(f"trainer.backend: {t.backend!r} is not available in this version; use backend: opacus")
+    if t.backend == "jax":
+        try:
+            from dptrain.trainers.jax_backend import JaxTrainer
+        except ImportError as err:
+            raise TrainerError(f"trainer.backend: jax needs the jax extra ({err}); pip install 'dptrain[jax]'") from None
+        return JaxTrainer(recipe.optimizer, clipping=t.clipping, max_physical_batch_size=t.max_physical_batch_size,
+                          secure_rng=recipe.privacy.secure_rng)
+    raise TrainerError(f"trainer.backend: {t.backend!r} is unknown; use opacus or jax")
 
 
 def build_model(recipe: Recipe, data: TabularData):
+    if recipe.trainer.backend == "jax":
+        from dptrain.models.flax_models import build_flax_model
+
+        return build_flax_model(recipe.model, data.x_train.shape[1], len(data.classes))
     import torch
 
     from dptrain.models.torch_models import build_torch_model

@@ -82,8 +82,11 @@ class PrivacyPlan:
         if delta >= 1.0 / num_units:
             raise acc.InvalidParameterError("privacy.delta", delta, f"< 1/n = {1.0 / num_units:.3g}",
                                             "delta >= 1/n permits releasing a whole record")
-        if p.sampling == "poisson":
-            scheme: acc.SamplingScheme = acc.PoissonSampling.from_batch_size(t.batch_size, num_units)
+        if p.sampling == "poisson" and recipe.trainer.backend == "jax":
+            # static shapes for jit: pad to a max batch; truncation is accounted (PLD), and made rare
+            scheme: acc.SamplingScheme = acc.TruncatedPoissonSampling.with_headroom(t.batch_size, num_units)
+        elif p.sampling == "poisson":
+            scheme = acc.PoissonSampling.from_batch_size(t.batch_size, num_units)
         else:
             scheme = acc.ShuffledEpochs(num_units, t.batch_size)
         steps = max(1, math.ceil(t.epochs * scheme.steps_per_epoch())) if p.sampling == "shuffled" else max(
