@@ -143,3 +143,16 @@ def test_bad_constructor_arguments(bad):
 def test_bad_delta(delta):
     with pytest.raises(acc.InvalidParameterError, match="delta"):
         poisson_ledger().epsilon(delta)
+
+
+def test_truncated_poisson_with_headroom_costs_almost_nothing():
+    trunc = acc.TruncatedPoissonSampling.with_headroom(256, 1604)
+    assert trunc.sampling_rate == pytest.approx(256 / 1604) and 256 < trunc.max_batch_size < 1604
+    a, b = acc.PrivacyLedger(), acc.PrivacyLedger()
+    a.compose(trunc.step_event(1.5), 100)
+    b.compose(acc.PoissonSampling(256 / 1604).step_event(1.5), 100)
+    assert b.epsilon(DELTA) <= a.epsilon(DELTA) <= b.epsilon(DELTA) * 1.001
+    tight = acc.TruncatedPoissonSampling(1604, 256 / 1604, 260)  # truncation is frequent: must cost more
+    c = acc.PrivacyLedger()
+    c.compose(tight.step_event(1.5), 100)
+    assert c.epsilon(DELTA) > a.epsilon(DELTA) * 1.05
