@@ -99,7 +99,7 @@ def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, scheme: SamplingScheme, steps: int, *, accountant: str = "pld",
     pld_discretization: float = _acc.DEFAULT_PLD_DISCRETIZATION,
 ) -> float:
-    """Smallest noise multiplier (to ~0.1%) whose ``steps``-step run meets ``target_epsilon`` at ``delta``.
+    """Noise multiplier within 0.35% of the smallest whose ``steps``-step run meets ``target_epsilon``.
 
     The result is verified with ``accountant`` at ``pld_discretization`` (the ledger's defaults), so a
     ledger composing this run reports ``epsilon <= target_epsilon``.
@@ -122,19 +122,35 @@ def calibrate_noise_multiplier(
         s1 = slope(sig * math.exp((math.log(target) - math.log(e)) / s0))
         return sig * math.exp((math.log(target) - math.log(e)) / ((s0 + s1) / 2)) * (1 + margin)
 
-    # 1. where the proxy meets the target; 2. one Newton step from a mid-size PLD grid; 3. safeguarded
-    # secant iterations at the ledger's grid, keeping a bracket lo (fails) < sigma* <= hi (meets).
     sigma = solve(target)
-    if accountant == "pld":
-        e_mid = eps(sigma, max(fine, min(3e-4, target / 3000.0)))
-        if 0 < e_mid < math.inf:
-            sigma = newton(sigma, e_mid, 1e-3)
+    if accountant == "rdp":  # cheap to evaluate: bracket the proxy's answer and solve exactly
+        def g(log_sigma: float) -> float:
+            return math.log(max(eps(math.exp(log_sigma)), 1e-300)) - math.log(target)
+
+        lo_s, hi_s = math.log(sigma) - 0.02, math.log(sigma) + 0.02
+        while g(lo_s) <= 0 and lo_s > math.log(_SIGMA_MIN):
+            lo_s -= 0.1
+        while g(hi_s) > 0 and hi_s < math.log(_SIGMA_MAX):
+            hi_s += 0.1
+        return _verified(eps, math.exp(optimize.brentq(g, lo_s, hi_s, xtol=1e-5) + 1e-5), target, fine)
+
+    # PLD: 1. where the proxy meets the target; 2. one Newton step from a mid-size grid; 3. safeguarded
+    # secant iterations at the ledger's grid, keeping a bracket lo (fails) < sigma* <= hi (meets).
+    # Slopes come from the last two real evaluations once there are two (the proxy's can be 2x off).
+    e_mid = eps(sigma, max(fine, min(3e-4, target / 3000.0)))
+    last = (sigma, e_mid) if 0 < e_mid < math.inf else None
+    if last is not None:
+        sigma = newton(sigma, e_mid, 1e-3)
     lo: tuple[float, float] | None = None
     hi: tuple[float, float] | None = None
     for _ in range(12):
         e = eps(sigma, fine)
         if not (0 < e < math.inf):
             break
+        real_slope = None
+        if last is not None and abs(math.log(sigma / last[0])) > 0.01:
+            real_slope = (math.log(e) - math.log(last[1])) / math.log(sigma / last[0])
+        last = (sigma, e)
         if e <= target:
             hi = (sigma, e) if hi is None or sigma < hi[0] else hi
         else:
@@ -146,12 +162,15 @@ def calibrate_noise_multiplier(
             t = (math.log(target) - math.log(lo[1])) / (math.log(hi[1]) - math.log(lo[1]))
             t = min(max(t, 0.1), 0.9)
             sigma = math.exp(math.log(lo[0]) + t * (math.log(hi[0]) - math.log(lo[0]))) * (1 + 2e-4)
-        elif hi is not None:
-            if (math.log(target) - math.log(e)) / -slope(sigma) < 2.5e-3:  # predicted within 0.25%
-                break
-            sigma = min(newton(sigma, e, 2e-4), sigma * (1 - 5e-4))
+            continue
+        s_here = real_slope if real_slope is not None and real_slope < 0 else slope(sigma)
+        step = (math.log(target) - math.log(e)) / s_here  # predicted log(sigma* / sigma)
+        if hi is not None and -step < 2e-3 and real_slope is not None:
+            break  # predicted within 0.2% by a measured slope
+        if hi is not None:  # step down, but at least far enough to find a failing sigma soon
+            sigma = sigma * math.exp(min(step * (1 - 1e-3), -3e-3))
         else:
-            sigma = max(newton(sigma, e, 2e-4), sigma * (1 + 5e-4))
+            sigma = sigma * math.exp(max(step, 5e-4)) * (1 + 2e-4)
     return hi[0] if hi is not None else _verified(eps, sigma * 1.002, target, fine)
 
 

@@ -21,8 +21,11 @@ from accounting import (
     PrivacyLedger,
     ShuffledEpochs,
     TruncatedPoissonSampling,
+    UnsupportedAccountantError,
     calibrate_noise_multiplier,
     calibrate_steps,
+    gaussian_release_event,
+    histogram_sensitivity,
     run_events,
 )
 
@@ -272,16 +275,38 @@ def test_shuffled_epochs_mid_epoch_costs_a_full_epoch():
     two_epochs = gaussian_eps(DELTA, math.sqrt(2) / (sigma / 2))
     e150 = ledger_for(scheme, sigma, 150).epsilon(DELTA)
     e200 = ledger_for(scheme, sigma, 200).epsilon(DELTA)
-    e201 = ledger_for(scheme, sigma, 201).epsilon(DELTA)
     assert e150 == e200
     assert e150 == pytest.approx(two_epochs, rel=1e-3)
-    assert e201 > e200
-    # step-by-step composition, as the training loop does it, charges the same
+    assert e150 >= two_epochs - 1e-9
+    rdp = {t: ledger_for(scheme, sigma, t, accountant="rdp").epsilon(DELTA) for t in (101, 150, 200, 201)}
+    assert rdp[101] == rdp[150] == rdp[200] < rdp[201]
+    # step-by-step composition, as the training loop does it, charges the same events
     led = PrivacyLedger(relation=scheme.relation)
     for step in range(150):
         led.compose(scheme.step_event(sigma, step))
     assert led.steps == 150
-    assert led.epsilon(DELTA) == pytest.approx(e150, rel=1e-12)
+    assert sorted(led.pairs(), key=repr) == sorted(run_events(scheme, sigma, 150), key=repr)
+    assert led.epsilon(DELTA, accountant="rdp") == rdp[150]
+
+
+def test_histogram_release_under_replace_one_is_analytic_gaussian():
+    # a count histogram has L2 sensitivity sqrt(2) under replace-one: noise std 3 is mu = sqrt(2) / 3
+    led = PrivacyLedger(relation="replace_one")
+    led.compose(gaussian_release_event(3.0, histogram_sensitivity("replace_one")), label="release")
+    assert led.steps == 0
+    assert led.epsilon(DELTA) == pytest.approx(gaussian_eps(DELTA, math.sqrt(2) / 3.0), rel=1e-3)
+    led = PrivacyLedger(relation="add_or_remove")
+    led.compose(gaussian_release_event(3.0, histogram_sensitivity("add_or_remove")), label="release")
+    assert led.epsilon(DELTA) == pytest.approx(gaussian_eps(DELTA, 1 / 3.0), rel=1e-3)
+
+
+def test_unsupported_combinations_raise_instead_of_falling_back():
+    with pytest.raises(UnsupportedAccountantError):
+        ledger_for(FixedSizeSampling(1000, 10), 1.0, 10).epsilon(DELTA)  # PLD: no sampling w/o replacement
+    with pytest.raises(UnsupportedAccountantError):
+        ledger_for(TruncatedPoissonSampling(1000, 0.01, 20), 1.0, 10, accountant="rdp").epsilon(DELTA)
+    eps = ledger_for(FixedSizeSampling(1000, 10), 1.0, 10, accountant="rdp").epsilons(DELTA)
+    assert eps["pld"] is None and eps["rdp"] is not None and eps["rdp"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,8 +396,7 @@ def test_truncated_poisson_far_above_mean_is_poisson_default_grid():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", [1.0, 2.0, pytest.param(4.0, marks=pytest.mark.slow),
-                                    pytest.param(8.0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("target", [1.0, 2.0, 4.0, pytest.param(8.0, marks=pytest.mark.slow)])
 def test_calibrate_noise_multiplier_pld_is_tight_and_safe(target):
     scheme, steps = PoissonSampling(Q_MNIST), 10000
     sigma = calibrate_noise_multiplier(target, DELTA, scheme, steps)
@@ -397,6 +421,27 @@ def test_calibrate_fixed_size_sampling_rdp_round_trip(target):
     assert led.relation == "replace_one"
     assert led.epsilon(DELTA) <= target
     assert ledger_for(scheme, sigma / 1.005, steps, accountant="rdp").epsilon(DELTA) > target
+
+
+# Regression cases found by the hypothesis property test: an earlier stopping rule trusted the slope of
+# the fast RDP proxy (which can be 2-3x off the real accountant's) and stopped up to ~1% above the
+# smallest sigma. The promise is: epsilon <= target, and sigma within 0.5% of the smallest that meets it.
+CALIBRATION_NOT_TIGHT = [
+    # (q, steps, target_eps, delta, accountant, pld_discretization), measured excess over sigma*
+    pytest.param(0.0078125, 95, 2.25, 1e-3, "rdp", 1e-4, id="rdp-0.56pct"),
+    pytest.param(0.0011081730712359126, 53, 9.153729099593901, 1e-7, "rdp", 1e-4, id="rdp-1.06pct"),
+    pytest.param(0.0032838063439833377, 144, 8.59570165058458, 1e-3, "pld", 1e-3, id="pld-1.03pct",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("q", "steps", "target", "delta", "accountant", "d"), CALIBRATION_NOT_TIGHT)
+def test_calibrate_noise_multiplier_is_within_half_a_percent(q, steps, target, delta, accountant, d):
+    scheme = PoissonSampling(q)
+    sigma = calibrate_noise_multiplier(target, delta, scheme, steps, accountant=accountant, pld_discretization=d)
+    assert ledger_for(scheme, sigma, steps, accountant=accountant, pld_discretization=d).epsilon(delta) <= target
+    assert ledger_for(scheme, sigma / 1.005, steps, accountant=accountant,
+                      pld_discretization=d).epsilon(delta) > target
 
 
 @pytest.mark.parametrize(("scheme", "sigma", "target", "accountant"), [
