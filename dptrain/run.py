@@ -243,7 +243,9 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
         "data": {"source": data.source, "n_train": int(len(data.y_train)), "n_test": int(len(data.y_test)),
                  "num_units": data.num_units, "privacy_unit": data.privacy_unit, "classes": data.classes,
                  "features": data.feature_names, "preprocessing": data.preprocessing},
-        "training": {"backend": recipe.trainer.backend, "grad_sample_mode": recipe.trainer.grad_sample_mode,
+        "training": {"backend": recipe.trainer.backend,
+                     "clipping": recipe.trainer.grad_sample_mode if recipe.trainer.backend == "opacus"
+                     else recipe.trainer.clipping,
                      "steps": ledger.steps, "seconds_this_session": round(seconds, 2), "resumed": resume},
         "versions": _versions(),
     }

@@ -498,7 +498,7 @@ def test_sigkill_before_any_checkpoint_then_resume_starts_cleanly(tmp_path):
     log = tmp_path / "child.log"
     _kill_when(_spawn(_CHILD_HANG_BEFORE_LOOP, out, overrides, log), out / "ready-to-die", log)
     (out / "ready-to-die").unlink()
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "run_id"]
     result = train(load_recipe(RECIPE, overrides), out, resume=True, dp_seed=1, progress=False)
     assert result.record["training"]["resumed"] is True
     assert acc.PrivacyLedger.load(out / "ledger.json").steps == result.record["privacy"]["planned_steps"]

@@ -29,6 +29,8 @@ unit's rows like a sequence: ``|sum_{i in u} a_i^T g_i|^2 = sum_{i,j in u} (a_i 
 this module uses it for 2-D Dense inputs (a B x B Gram masked to same-unit pairs) when
 ``B (d_in + d_out) < d_in d_out`` and otherwise sums the layer's per-row gradients per unit
 (``segment_sum``) before taking norms -- still per layer, never the whole model's per-row gradients.
+Embeddings per unit: a Gram over all tokens of the chunk masked to same-unit, same-token pairs when
+``(B T)^2 < U V e``, else a per-unit scatter. Norm-layer grads and the vmap fallback: ``segment_sum``.
 
 Formal guarantees: with ``c`` computed from the exact per-unit norms, each unit's contribution to the
 returned sum has L2 norm <= C (up to float rounding), whatever the method of each layer. Rows with
@@ -272,6 +274,19 @@ class _AffineRule(_Rule):
         return {k: jnp.einsum("u,uc->c", c_unit, v) for k, v in self.grads.items()}
 
 
+def _shapes_match(spec: LayerSpec, x, g, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """The parameter shapes are what the rule assumes (else the rule does not apply)."""
+    e = g.shape[-1]
+    bias_ok = shapes.get("bias", (e,)) == (e,)
+    if spec.kind == "dense":
+        return shapes["kernel"] == (x.shape[-1], e) and bias_ok
+    if spec.kind == "conv":
+        return shapes["kernel"] == (*spec.static["kernel_size"], x.shape[-1], e) and bias_ok and x.ndim == 4
+    if spec.kind == "embed":
+        return len(shapes["embedding"]) == 2 and shapes["embedding"][1] == e and jnp.issubdtype(x.dtype, jnp.integer)
+    return x.shape == g.shape and all(s == (e,) for s in shapes.values())
+
+
 _RULES = {"dense": _DenseRule, "conv": _ConvRule, "embed": _EmbedRule, "affine": _AffineRule}
 _MAIN_PARAM = {"dense": "kernel", "conv": "kernel", "embed": "embedding", "affine": None}
 
@@ -365,6 +380,8 @@ def _fast_pass(apply_fn, params, x, y, mask, units: Units | None, force: LayerMe
         inputs = acts[path]
         if any(getattr(t, "ndim", 0) == 0 or t.shape[0] != b for t in inputs):
             continue
+        if not _shapes_match(spec, inputs[0], gouts[path], {n: flat[path + (n,)].shape for n in spec.params}):
+            continue  # e.g. a tapped layer inside a lifted transform: leave it to the vmap fallback
         main = _MAIN_PARAM[spec.kind]
         shape = flat[path + (main,)].shape if main else None
         rules[path] = _RULES[spec.kind](inputs[0], gouts[path], spec, units, force, shape)

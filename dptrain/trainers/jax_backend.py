@@ -30,7 +30,9 @@ Sharp edge: ``dp_seed`` is secret (it determines the noise); it is not part of `
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -72,6 +74,79 @@ def _from_torch(t: torch.Tensor, like) -> jax.Array:
     return jnp.asarray(arr, dtype=like.dtype)
 
 
+def _optimizer(o: OptimizerConfig) -> optax.GradientTransformation:
+    return optax.sgd(o.lr, momentum=o.momentum or None) if o.name == "sgd" else optax.adam(o.lr)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Everything static about a step; equal configs share one jit function (and its compilations)."""
+
+    model: Any
+    optimizer: OptimizerConfig
+    mode: str
+    clip: float | None
+    std: float
+    expected_batch_size: float
+    clipping: str
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_predict(model):
+    def predict(params, others, x):
+        return jax.nn.softmax(model.apply({"params": params, **others}, x).astype(jnp.float32), axis=-1)
+
+    return jax.jit(predict)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_step(cfg: StepConfig):
+    """The jit-compiled DP step: (params, others, opt_state, xs (K, M, ...), ys, mask, seg | None,
+    key_data | None, noise | None) -> (params, opt_state, loss_sum)."""
+    tx = _optimizer(cfg.optimizer)
+
+    def chunk_grads(params, others, x, y, mask, seg):
+        def apply_fn(p, xx):
+            return cfg.model.apply({"params": p, **others}, xx)
+
+        if cfg.mode == "non_private":
+            def loss(p):
+                return jnp.sum(mask * fast_clip.cross_entropy(apply_fn(p, x), y))
+
+            total, grads = jax.value_and_grad(loss)(params)
+            return grads, total
+        units = None if seg is None else fast_clip.Units(seg, x.shape[0])
+        return fast_clip.clipped_grad_sum(apply_fn, params, x, y, mask, clip=cfg.clip, units=units,
+                                          method=cfg.clipping)
+
+    def step(params, others, opt_state, xs, ys, mask, seg, key_data, noise_flat):
+        if xs.shape[0] == 1:
+            grads, loss = chunk_grads(params, others, xs[0], ys[0], mask[0], None if seg is None else seg[0])
+        else:
+            def body(carry, inp):
+                g, lsum = chunk_grads(params, others, *inp) if seg is not None else chunk_grads(
+                    params, others, *inp, None)
+                return (jax.tree.map(jnp.add, carry[0], g), carry[1] + lsum), None
+
+            zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+            inputs = (xs, ys, mask, seg) if seg is not None else (xs, ys, mask)
+            (grads, loss), _ = jax.lax.scan(body, zero, inputs)
+        if cfg.std > 0:
+            if noise_flat is not None:
+                noise = ravel_pytree(grads)[1](noise_flat * cfg.std)
+            else:
+                leaves, tree = jax.tree.flatten(grads)
+                keys = jax.random.split(jax.random.wrap_key_data(key_data), len(leaves))
+                noise = jax.tree.unflatten(tree, [cfg.std * jax.random.normal(k, v.shape, v.dtype)
+                                                  for k, v in zip(keys, leaves, strict=True)])
+            grads = jax.tree.map(jnp.add, grads, noise)
+        grads = jax.tree.map(lambda g: g / cfg.expected_batch_size, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step)
+
+
 class JaxTrainer:
     def __init__(self, optimizer: OptimizerConfig, *, clipping: str = "auto", max_physical_batch_size: int = 1024,
                  secure_rng: bool = False):
@@ -101,58 +176,18 @@ class JaxTrainer:
         self.params = variables.pop("params", {})
         self.others = variables
         o = self.opt_cfg
-        self.tx = (optax.sgd(o.lr, momentum=o.momentum or None) if o.name == "sgd" else optax.adam(o.lr))
-        self.opt_state = self.tx.init(self.params)
+        self.opt_state = _optimizer(o).init(self.params)
         self.per_unit = plan.privacy_unit != "example"
         self.std = 0.0 if plan.mode != "dp" else float(plan.noise_multiplier) * float(plan.clipping_norm)
-        self._unravel = ravel_pytree(self.params)[1]
         self._n_params = int(sum(np.size(p) for p in jax.tree.leaves(self.params)))
-        self._step = jax.jit(self._step_fn)
-        self._predict = jax.jit(self._logits)
+        self._step = _compiled_step(StepConfig(
+            model=model, optimizer=o, mode=plan.mode, clip=None if plan.clipping_norm is None else float(
+                plan.clipping_norm), std=self.std, expected_batch_size=float(plan.expected_batch_size),
+            clipping=self.clipping))
+        self._predict = _compiled_predict(model)
 
     def apply_fn(self, params, x):
         return self.model.apply({"params": params, **self.others}, x)
-
-    def _logits(self, params, x):
-        return jax.nn.softmax(self.apply_fn(params, x).astype(jnp.float32), axis=-1)
-
-    # ---- the compiled step ----
-    def _chunk_grads(self, params, x, y, mask, seg):
-        """Summed (clipped) gradient and masked loss sum of one physical chunk."""
-        plan = self.plan
-        if plan.mode == "non_private":
-            def loss(p):
-                return jnp.sum(mask * fast_clip.cross_entropy(self.apply_fn(p, x), y))
-            total, grads = jax.value_and_grad(loss)(params)
-            return grads, total
-        units = None if seg is None else fast_clip.Units(seg, x.shape[0])
-        return fast_clip.clipped_grad_sum(self.apply_fn, params, x, y, mask, clip=float(plan.clipping_norm),
-                                          units=units, method=self.clipping)
-
-    def _step_fn(self, params, opt_state, xs, ys, mask, seg, key_data, noise_flat):
-        if xs.shape[0] == 1:
-            grads, loss = self._chunk_grads(params, xs[0], ys[0], mask[0], None if seg is None else seg[0])
-        else:
-            def body(carry, inp):
-                g, l = self._chunk_grads(params, *inp) if seg is not None else self._chunk_grads(
-                    params, inp[0], inp[1], inp[2], None)
-                return (jax.tree.map(jnp.add, carry[0], g), carry[1] + l), None
-
-            zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
-            inputs = (xs, ys, mask, seg) if seg is not None else (xs, ys, mask)
-            (grads, loss), _ = jax.lax.scan(body, zero, inputs)
-        if self.std > 0:
-            if noise_flat is not None:
-                noise = self._unravel(noise_flat * self.std)
-            else:
-                leaves, tree = jax.tree.flatten(grads)
-                keys = jax.random.split(jax.random.wrap_key_data(key_data), len(leaves))
-                noise = jax.tree.unflatten(tree, [self.std * jax.random.normal(k, v.shape, v.dtype)
-                                                  for k, v in zip(keys, leaves, strict=True)])
-            grads = jax.tree.map(jnp.add, grads, noise)
-        grads = jax.tree.map(lambda g: g / self.plan.expected_batch_size, grads)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
 
     # ---- host side: static layout ----
     def _layout(self, batch: Batch):
@@ -213,7 +248,7 @@ class JaxTrainer:
             ys = np.zeros(idx.shape, np.int32)
         key, noise = self._noise_inputs()
         self.params, self.opt_state, loss = self._step(
-            self.params, self.opt_state, jnp.asarray(xs, self.in_dtype), jnp.asarray(ys, jnp.int32),
+            self.params, self.others, self.opt_state, jnp.asarray(xs, self.in_dtype), jnp.asarray(ys, jnp.int32),
             jnp.asarray(mask, jnp.float32), None if seg is None else jnp.asarray(seg), key, noise)
         self.steps_done += 1
         return StepStats(float(loss), len(batch))
@@ -226,10 +261,10 @@ class JaxTrainer:
             part = x[start:start + 4096]
             pad = _pow2(len(part)) - len(part)  # few shapes -> few compilations
             padded = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)]) if pad else part
-            out.append(np.asarray(self._predict(self.params, jnp.asarray(padded, self.in_dtype)))[: len(part)])
+            out.append(np.asarray(self._predict(self.params, self.others, jnp.asarray(padded, self.in_dtype)))[: len(part)])
         if out:
             return np.concatenate(out)
-        probe = jax.eval_shape(self._logits, self.params, jnp.zeros((1, *self.model.input_shape), self.in_dtype))
+        probe = jax.eval_shape(self._predict, self.params, self.others, jnp.zeros((1, *self.model.input_shape), self.in_dtype))
         return np.zeros((0, probe.shape[-1]), np.float32)
 
     @staticmethod

@@ -1,0 +1,159 @@
+"""Ghost / book-keeping norms and clipped sums equal vmap per-example gradients, on every tapped layer.
+
+Shapes are drawn by hypothesis; each layer is also run with the ghost and the direct method forced,
+so both code paths are checked whatever the automatic choice would be. Per-unit clipping (several
+rows per unit) is checked against vmap gradients summed per unit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dptrain.models import flax_models as fm
+from dptrain.trainers import fast_clip
+
+
+class SequenceNet(nn.Module):
+    """Every sequence layer at once: Embed -> LoRA (3-D) -> LayerNorm -> Dense (3-D) -> mean -> Dense (2-D)."""
+
+    vocab: int
+    features: int
+    rank: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, idx):
+        h = fm.Embed(self.vocab, self.features)(idx)
+        h = fm.LayerNorm()(jnp.tanh(fm.LoRADense(self.features, self.rank)(h)))
+        h = jnp.tanh(fm.Dense(self.hidden)(h)).mean(1)
+        return fm.Dense(3)(h)
+
+
+class ConvNet(nn.Module):
+    features: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    padding: str
+    groups: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = fm.Conv(self.features, self.kernel, self.strides, self.padding)(x)
+        h = jnp.tanh(fm.GroupNorm(self.groups)(h))
+        return fm.Dense(3)(h.mean((1, 2)))
+
+
+class Mixed(nn.Module):
+    """A plain flax Dense (no tap: vmap fallback) and a tapped Dense called twice (shared: fallback)."""
+
+    @nn.compact
+    def __call__(self, x):
+        shared = fm.Dense(x.shape[-1])
+        h = jnp.tanh(shared(jnp.tanh(shared(x))))
+        return nn.Dense(3)(h)
+
+
+@functools.cache
+def _program(model, layer_method: str, per_unit: bool):
+    """One compiled program per (model, shapes, method): the reference and the fast path side by side.
+
+    Reference: per-row gradients by ``jax.vmap(jax.grad(...))`` (summed per unit), their norms, clip
+    factors and the clipped sum, written here independently of ``fast_clip``."""
+
+    def run(params, others, x, y, mask, seg):
+        def apply_fn(p, xx):
+            return model.apply({"params": p, **others}, xx)
+
+        def loss_one(p, xi, yi, mi):
+            return mi * fast_clip.cross_entropy(apply_fn(p, xi[None]), yi[None])[0]
+
+        g = jax.vmap(jax.grad(loss_one), in_axes=(None, 0, 0, 0))(params, x, y, mask)
+        b = x.shape[0]
+        if per_unit:
+            g = jax.tree.map(lambda v: jax.ops.segment_sum(v, seg, num_segments=b), g)
+        ref_norms = jnp.sqrt(sum(jnp.sum(jnp.square(v.reshape(b, -1)), 1) for v in jax.tree.leaves(g)))
+        clip = jnp.median(ref_norms) + 1e-3  # some clipped, some not
+        c = jnp.minimum(1.0, clip / (ref_norms + 1e-6))
+        ref_sum = jax.tree.map(lambda v: jnp.tensordot(c, v, axes=1), g)
+        units = fast_clip.Units(seg, b) if per_unit else None
+        norms = fast_clip.unit_norms(apply_fn, params, x, y, mask, units=units, layer_method=layer_method)
+        got_sum, loss = fast_clip.clipped_grad_sum(apply_fn, params, x, y, mask, clip=clip, units=units,
+                                                   layer_method=layer_method)
+        ref_loss = jnp.sum(mask * fast_clip.cross_entropy(apply_fn(params, x), y))
+        return ref_norms, norms, ref_sum, got_sum, ref_loss, loss
+
+    return jax.jit(run)
+
+
+def _check(model, x, seed, layer_method="auto", units=None):
+    b = x.shape[0]
+    rng = np.random.default_rng(seed)
+    # random values everywhere (LoRA's B starts at zero, which would hide half the adapter's gradient);
+    # shapes from an abstract init: no compilation
+    shapes = jax.eval_shape(model.init, jax.ShapeDtypeStruct((2,), jnp.uint32), x)
+    variables = jax.tree.map(lambda s: np.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)
+    params = variables.pop("params")
+    y = jnp.asarray(rng.integers(0, 3, b))
+    mask = jnp.asarray((rng.random(b) < 0.8).astype(np.float32))
+    seg = jnp.asarray(np.zeros(b, np.int32) if units is None else units)
+    ref_n, got_n, ref_sum, got_sum, ref_loss, loss = _program(model, layer_method, units is not None)(
+        params, variables, x, y, mask, seg)
+    np.testing.assert_allclose(got_n, ref_n, rtol=2e-4, atol=1e-5)
+    assert jax.tree.structure(got_sum) == jax.tree.structure(params)
+    for r, g in zip(jax.tree.leaves(ref_sum), jax.tree.leaves(got_sum), strict=True):
+        np.testing.assert_allclose(g, r, rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+
+
+methods = st.sampled_from(["auto", "ghost", "direct"])
+
+
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(1, 6), t=st.integers(1, 5), vocab=st.integers(2, 8), e=st.integers(1, 6), r=st.integers(1, 3),
+       h=st.integers(1, 6), method=methods, per_unit=st.booleans(), seed=st.integers(0, 999))
+def test_dense_sequence_embedding_lora_layernorm(b, t, vocab, e, r, h, method, per_unit, seed):
+    """Embedding (small vocab: repeated tokens), LoRA and Dense on sequences, Dense on 2-D inputs."""
+    idx = jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (b, t)), jnp.int32)
+    units = np.random.default_rng(seed).integers(0, max(1, b // 2), b).astype(np.int32) if per_unit else None
+    _check(SequenceNet(vocab, e, r, h), idx, seed, method, units)
+
+
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(1, 4), hw=st.integers(3, 7), c=st.integers(1, 3), groups=st.sampled_from([1, 2]),
+       k=st.integers(1, 3), s=st.integers(1, 2), pad=st.sampled_from(["VALID", "SAME"]), method=methods,
+       per_unit=st.booleans(), seed=st.integers(0, 999))
+def test_conv_and_groupnorm(b, hw, c, groups, k, s, pad, method, per_unit, seed):
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=(b, hw, hw + 1, c)), jnp.float32)
+    units = np.random.default_rng(seed).integers(0, max(1, b // 2), b).astype(np.int32) if per_unit else None
+    _check(ConvNet(2 * groups, (k, k), (s, s), pad, groups), x, seed, method, units)
+
+
+def test_untapped_and_shared_layers_fall_back_to_vmap():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4)), jnp.float32)
+    _check(Mixed(), x, 0)
+
+
+def test_tapped_layers_cover_the_models_parameters():
+    """In the built-in models every trainable parameter has a fast rule (no vmap fallback)."""
+    for model, x in ((fm.MLP(6, 2, (8, 4)), jnp.zeros((3, 6))),
+                     (fm.SmallCNN(), jnp.zeros((2, 28, 28, 1))),
+                     (fm.LoRATransformer(vocab=16, seq_len=8, d_model=16, heads=2, mlp=32, rank=2),
+                      jnp.zeros((2, 8), jnp.int32))):
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+        tape = fast_clip._Tape()
+        token = fast_clip._TAPE.set(tape)
+        try:
+            jax.eval_shape(lambda v, xx, m=model: m.apply(v, xx), variables, x)
+        finally:
+            fast_clip._TAPE.reset(token)
+        covered = {p + (n,) for p, s in tape.specs.items() for n in s.params}
+        from flax import traverse_util
+
+        assert set(traverse_util.flatten_dict(variables["params"])) <= covered, type(model).__name__
