@@ -214,7 +214,7 @@ class OpacusTrainer:
     # ---- inference and state ----
     @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:
-        self.module.eval()
+        self.module.train(False)
         out = []
         for start in range(0, len(x), 4096):
             logits = self.module(torch.from_numpy(np.asarray(x[start:start + 4096])).float())
