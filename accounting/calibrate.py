@@ -2,8 +2,9 @@
 
 Guarantee: the returned noise multiplier (or step count) is *verified* with the very accountant and
 discretisation a ledger uses by default, so ``epsilon(result) <= target`` exactly as the ledger will
-report it. Speed comes from searching with a coarse PLD (pessimistic, so never optimistic), then one
-secant correction at a finer grid and one final verification at the ledger's grid.
+report it. Speed comes from steering with a fast RDP proxy (integer orders), one Newton step from a
+mid-size PLD grid, then safeguarded secant steps at the ledger's grid that keep a bracket
+lo (fails) < sigma* <= hi (meets); RDP targets are solved exactly with Brent's method.
 """
 
 from __future__ import annotations
