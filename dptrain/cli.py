@@ -113,6 +113,39 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from dptrain.config import load_recipe
+    from dptrain.report import build_report, parse_epsilons, run_sweep
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = args.out or f"sweeps/{recipe.name}"
+    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    result = run_sweep(recipe, out, epsilons=parse_epsilons(args.epsilons), seeds=args.seeds, backends=backends,
+                       executor=args.executor, jobs=args.jobs, address=args.address, threshold=args.threshold)
+    paths = build_report(out, n_boot=args.bootstrap, min_group_size=args.min_group_size)
+    _print_report_paths(paths)
+    if result.failed:
+        print(f"{len(result.failed)} run(s) failed (see {out}/failures/); rerun the same command to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_report_paths(paths) -> None:
+    print(f"report: {paths['html']}")
+    print(f"        {paths['md']}")
+    print(f"        {paths['csv']}")
+
+
+def _cmd_report(args) -> int:
+    from dptrain.report import build_report
+
+    paths = build_report(args.dir, threshold=args.threshold, n_boot=args.bootstrap,
+                         min_group_size=args.min_group_size)
+    _print_report_paths(paths)
+    return 0
+
+
 def _cmd_datasets(args) -> int:
     from dptrain.data import list_datasets
 
@@ -174,10 +207,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
+    sw = sub.add_parser(
+        "sweep", help="train a recipe over epsilon x seed and write a privacy-utility-fairness report",
+        description="Run the grid (each point a normal run directory; finished points are skipped, so rerunning "
+                    "the same command resumes), then write DIR/report.html, DIR/report.md and DIR/summary.csv.",
+        epilog="example:\n  dptrain sweep recipes/actg175-mlp.yaml --epsilons 0.5,1,2,4,8,inf --seeds 3 --jobs 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("recipe", help="path to a recipe")
+    sw.add_argument("--epsilons", required=True, metavar="LIST", help="comma-separated, e.g. 0.5,1,2,4,8,inf")
+    sw.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per epsilon (default 3)")
+    sw.add_argument("--backends", metavar="LIST", help="e.g. opacus,jax (default: the recipe's backend)")
+    sw.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local processes (default) or Ray tasks")
+    sw.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at a time (default 1)")
+    sw.add_argument("--address", help="Ray cluster address (with --executor ray; default: start a local Ray)")
+    sw.add_argument("--out", help="sweep directory (default sweeps/<recipe name>)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    _report_options(sw, threshold_default=0.5)
+    sw.set_defaults(func=_cmd_sweep)
+
+    rp = sub.add_parser("report", help="re-render a sweep's report from its run records (no retraining)",
+                        description="Rebuild DIR/report.html, report.md and summary.csv from DIR/runs/*.")
+    rp.add_argument("dir", help="a sweep directory")
+    _report_options(rp, threshold_default=None)
+    rp.set_defaults(func=_cmd_report)
+
     d = sub.add_parser("datasets", help="list built-in datasets")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=_cmd_datasets)
     return p
+
+
+def _report_options(p: argparse.ArgumentParser, threshold_default: float | None) -> None:
+    p.add_argument("--threshold", type=float, default=threshold_default, metavar="T",
+                   help="fixed decision threshold for TPR/FPR/selection rate, chosen without test data "
+                        + ("(default 0.5)" if threshold_default else "(default: the sweep's)"))
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap replicates (default 1000)")
+    p.add_argument("--min-group-size", type=int, default=30, metavar="N",
+                   help="groups with fewer test examples are flagged and left out of the gaps (default 30)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +267,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
         from dptrain.trainers.base import TrainerError
 
         errors += [DataError, RunError, CheckpointError, TrainerError]
+        from dptrain.report import ReportError, SweepError
+
+        errors += [ReportError, SweepError]
     except ImportError:  # a backend extra is not installed: accounting commands still work
         pass
     return tuple(errors)

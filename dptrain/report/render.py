@@ -1,0 +1,394 @@
+"""Render an :class:`~dptrain.report.analysis.Analysis` as report.html, report.md, summary.csv and plots/.
+
+``report.html`` is self-contained: CSS inline, plots embedded as base64 PNG, no script, no network.
+``report.md`` holds the same tables and links the PNG files in ``plots/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from accounting._io import atomic_write_bytes
+from dptrain.evaluate import fairness as fm
+from dptrain.report.analysis import UTILITY, Analysis
+from dptrain.report.sweep import eps_label
+
+GAP_TITLES = {
+    "worst_group_auroc": "worst-group AUROC", "auroc_gap": "AUROC gap (max-min)",
+    "demographic_parity_difference": "demographic parity diff.", "equalized_odds_difference": "equalized odds diff.",
+    "fnr_gap": "FNR gap (underdiagnosis)", "accuracy_spd": "accuracy SPD (Tayebi Arasteh)",
+}
+
+
+def _f(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else ""
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    x = float(x)
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.{nd}f}"
+
+
+def _ci(a: dict[str, Any], nd: int = 3) -> str:
+    lo, hi = a["ci"]
+    s = _f(a["mean"], nd)
+    if not (math.isnan(lo) or math.isnan(hi)):
+        s += f" [{_f(lo, nd)}, {_f(hi, nd)}]"
+    return s
+
+
+def _sd(a: dict[str, Any]) -> str:
+    return "" if math.isnan(a["sd"]) else f"±{a['sd']:.3f}"
+
+
+# ---------------------------------------------------------------- tables (list of header, rows)
+
+def _tables(an: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """[(id, title, header, rows)] in report order."""
+    out = []
+    hdr = ["backend", "epsilon", "seeds"] + [f"{m} [95% CI] (sd over seeds)" for m in UTILITY] + ["worst-group AUROC"]
+    rows = [[c["backend"], eps_label(c["epsilon"]), str(len(c["seeds"]))]
+            + [f"{_ci(c['utility'][m])} {_sd(c['utility'][m])}" for m in UTILITY]
+            + [f"{_f(c['worst_group_auroc']['mean'])} {_sd(c['worst_group_auroc'])}"] for c in an.configs]
+    out.append(("utility", "Utility vs epsilon", hdr, rows))
+
+    for g in an.groupings:
+        hdr = ["backend", "epsilon"] + [GAP_TITLES[k] for k in fm.GAPS]
+        rows = [[c["backend"], eps_label(c["epsilon"])] + [_ci(c["gaps"][g][k]) for k in fm.GAPS] for c in an.configs]
+        out.append((f"gaps-{g}", f"Fairness gaps by {g}", hdr, rows))
+
+    hdr = ["backend", "epsilon", "grouping", "pairs", "Δ AUROC"] + [f"Δ {GAP_TITLES[k]}" for k in fm.GAPS]
+    rows = []
+    for c in an.configs:
+        ch = c["change_vs_nonprivate"]
+        if ch is None:
+            continue
+        for g in an.groupings:
+            rows.append([c["backend"], eps_label(c["epsilon"]), g, str(ch["n_pairs"]), _ci(ch["utility"]["auroc"])]
+                        + [_ci(ch["gaps"][g][k]) for k in fm.GAPS])
+    out.append(("change", "Change vs non-private (paired bootstrap, same test examples and seed)", hdr, rows))
+
+    hdr = ["backend", "grouping", "gap", "Pearson r", "p-value", "runs", "epsilons"]
+    rows = [[r.backend, r.grouping, GAP_TITLES[r.gap], _f(r.r), _f(r.p_value, 4), str(r.n_runs), str(r.n_epsilons)]
+            for r in an.pearson.itertuples()]
+    out.append(("pearson", "Correlation between epsilon and each gap (finite-epsilon runs)", hdr, rows))
+
+    gm = [m for m in fm.METRICS if m != "n"]
+    for g in an.groupings:
+        sub = an.groups[an.groups["grouping"] == g]
+        hdr = ["backend", "epsilon", "group", "n (test)", "small"] + [f"{m} [95% CI]" for m in gm]
+        rows = [[r["backend"], eps_label(r["epsilon"]), str(r["group"]), _f(r["n"], 0), "SMALL" if r["small"] else ""]
+                + [f"{_f(r[m])} [{_f(r[m + '_ci_low'])}, {_f(r[m + '_ci_high'])}]" for m in gm]
+                for _, r in sub.iterrows()]
+        out.append((f"groups-{g}", f"Per group: {g}", hdr, rows))
+
+    hdr = ["run", "backend", "epsilon (target)", "seed", "epsilon spent", "delta", "accountant", "unit", "relation",
+           "sampling", "q", "sigma", "steps", "C", "clipping", "selection accounted"]
+    rows = []
+    for r in sorted(an.runs, key=lambda r: (r.backend, r.epsilon, r.seed)):
+        p = r.record["privacy"]
+        rows.append([r.name, r.backend, eps_label(r.epsilon), str(r.seed), _f(p["epsilon"], 4), f"{p['delta']:g}",
+                     f"{p['accountant']} ({p.get('accountant_version', '?')})",
+                     p["privacy_unit"], p["neighbouring_relation"], p["sampling"],
+                     _f(p["sampling_rate"], 4), _f(p["noise_multiplier"], 4), str(p["steps"]),
+                     _f(p["clipping_norm"], 3), p.get("clipping_granularity") or "none",
+                     "no (see selection cost)"])
+    out.append(("privacy", "Privacy statement of every run", hdr, rows))
+    return out
+
+
+def _selection_lines(an: Analysis) -> list[str]:
+    lines = []
+    for b, s in an.selection.items():
+        lines.append(
+            f"[{b}] Best private configuration by mean test AUROC: epsilon = {eps_label(s['best_config_epsilon'])} "
+            f"(best single run {s['best_run']}, its own epsilon {_f(s['best_run_epsilon'], 4)}). Choosing it from the "
+            f"{s['n_private_runs']} private runs tried is not free:")
+        comp = s.get("composition_epsilon", math.nan)
+        lines.append(
+            f"  - all {s['n_private_runs']} private runs composed: epsilon = {_f(comp, 4)} at delta = {s['delta']:g} "
+            f"({s.get('composition_accountant', 'n/a')}); valid for any selection rule and a fixed grid."
+            + (f" {s['composition_note']}" if "composition_note" in s else ""))
+        rs = s.get("repeat_and_select_epsilon", math.nan)
+        if math.isfinite(rs):
+            lines.append(
+                f"  - RepeatAndSelect (Papernot & Steinke 2022, RDP): epsilon = {_f(rs, 4)} at delta = {s['delta']:g}, "
+                f"valid only if the number of runs had been drawn from a Poisson distribution with mean "
+                f"{s['repeat_and_select_mean']} (plan it that way before the next sweep).")
+        else:
+            lines.append(f"  - RepeatAndSelect: {s.get('repeat_and_select_note', 'not computed')}.")
+    nonpriv = [r for r in an.runs if not r.private]
+    if nonpriv:
+        lines.append(f"The {len(nonpriv)} non-private reference run(s) (epsilon = inf) carry no privacy guarantee: "
+                     "never release their models or predictions.")
+    lines.append("Selecting by test AUROC also biases the selected configuration's test estimates upwards, and "
+                 "test-set metrics are not protected by DP (each run's statement covers its training records).")
+    return lines
+
+
+# ---------------------------------------------------------------- plots
+
+def _plots(an: Analysis) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, bytes] = {}
+    backends = sorted({c["backend"] for c in an.configs})
+    colors = dict(zip(backends, ["tab:blue", "tab:orange", "tab:green"], strict=False))
+
+    def finite(b):
+        return [c for c in an.configs if c["backend"] == b and math.isfinite(c["epsilon"])]
+
+    def ref(b):
+        return next((c for c in an.configs if c["backend"] == b and not math.isfinite(c["epsilon"])), None)
+
+    def save(name, fig):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        out[name] = buf.getvalue()
+
+    eps_ticks = sorted({c["epsilon"] for c in an.configs if math.isfinite(c["epsilon"])})
+
+    def eps_axis(ax):
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        if eps_ticks:
+            ax.set_xticks(eps_ticks, [eps_label(x) for x in eps_ticks])
+        ax.set_xlabel("epsilon")
+
+    def line(ax, cs, get, color, label, ls="-"):
+        if not cs:
+            return
+        x = [c["epsilon"] for c in cs]
+        a = [get(c) for c in cs]
+        ax.plot(x, [v["mean"] for v in a], ls, marker="o", color=color, label=label)
+        lo = [v["ci"][0] for v in a]
+        hi = [v["ci"][1] for v in a]
+        ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)
+
+    # 1. utility vs epsilon
+    fig, axes = plt.subplots(1, len(UTILITY), figsize=(4.2 * len(UTILITY), 3.4))
+    for ax, m in zip(axes, UTILITY, strict=True):
+        for b in backends:
+            line(ax, finite(b), lambda c, m=m: c["utility"][m], colors[b], b)
+            for r in (r for r in an.runs if r.backend == b and r.private):
+                ax.plot(r.epsilon, r.utility[m], ".", color=colors[b], alpha=0.5)
+            rc = ref(b)
+            if rc is not None:
+                u = rc["utility"][m]
+                ax.axhline(u["mean"], color=colors[b], ls="--", lw=1, label=f"{b} non-private")
+                ax.axhspan(*u["ci"], color=colors[b], alpha=0.08)
+        eps_axis(ax)
+        ax.set_title(m.upper() if m != "accuracy" else "accuracy")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Utility vs epsilon (mean over seeds, {int(an.level * 100)}% bootstrap CI band; dots = runs)",
+                 y=1.03)
+    save("utility_vs_epsilon", fig)
+
+    # 2. per-group AUROC vs epsilon (one panel per grouping and backend)
+    fig, axes = plt.subplots(len(backends), len(an.groupings), squeeze=False,
+                             figsize=(4.2 * len(an.groupings), 3.4 * len(backends)))
+    for i, b in enumerate(backends):
+        for j, g in enumerate(an.groupings):
+            ax = axes[i][j]
+            sub = an.groups[(an.groups["backend"] == b) & (an.groups["grouping"] == g)]
+            if g not in an.single:  # intersections: too many groups to read; small ones are noise
+                sub = sub[~sub["small"]]
+            cmap = plt.get_cmap("tab10")
+            for k, (lab, d) in enumerate(sub.groupby("group", sort=True)):
+                d = d.sort_values("epsilon")
+                fin = d[np.isfinite(d["epsilon"])]
+                col = cmap(k % 10)
+                ls = ":" if d["small"].any() else "-"
+                ax.plot(fin["epsilon"], fin["auroc"], ls, marker="o", ms=3, color=col,
+                        label=f"{lab}{' (small)' if d['small'].any() else ''}")
+                if not math.isfinite(d["epsilon"].max()) and len(d) > len(fin):
+                    ax.axhline(float(d[~np.isfinite(d["epsilon"])]["auroc"].iloc[0]), color=col, ls="--", lw=0.8)
+            eps_axis(ax)
+            ax.set_title(f"{b}: AUROC by {g}" + ("" if g in an.single else " (not small)"), fontsize=9)
+            if len(sub["group"].unique()) <= 8:
+                ax.legend(fontsize=6)
+    save("group_auroc_vs_epsilon", fig)
+
+    # 3. gaps vs epsilon
+    fig, axes = plt.subplots(1, len(fm.GAPS), figsize=(3.8 * len(fm.GAPS), 3.4))
+    styles = ["-", "--", "-.", ":"]
+    for ax, k in zip(axes, fm.GAPS, strict=True):
+        for b in backends:
+            for gi, g in enumerate(an.groupings):
+                line(ax, finite(b), lambda c, g=g, k=k: c["gaps"][g][k], colors[b], f"{b} · {g}",
+                     ls=styles[gi % len(styles)])
+        eps_axis(ax)
+        ax.set_title(GAP_TITLES[k], fontsize=9)
+    axes[0].legend(fontsize=6)
+    save("gaps_vs_epsilon", fig)
+
+    # 4. DP drop vs group size
+    fig, ax = plt.subplots(figsize=(6, 4))
+    priv = an.groups[np.isfinite(an.groups["epsilon"]) & np.isfinite(an.groups["auroc_drop_vs_nonprivate"])]
+    markers = dict(zip(backends, ["o", "s", "^"], strict=False))
+    eps_values = sorted(priv["epsilon"].unique())
+    cmap = plt.get_cmap("viridis")
+    for b in backends:
+        for i, e in enumerate(eps_values):
+            d = priv[(priv["backend"] == b) & (priv["epsilon"] == e)]
+            ax.scatter(d["n"], d["auroc_drop_vs_nonprivate"], marker=markers[b], s=18,
+                       color=cmap(i / max(1, len(eps_values) - 1)), label=f"{b} eps={eps_label(e)}", alpha=0.8)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("group size (test examples; proportional to its share of training data)")
+    ax.set_ylabel("AUROC drop vs non-private")
+    ax.set_title("Does DP hurt small groups more? (the poor get poorer check)")
+    if len(priv):
+        ax.legend(fontsize=6)
+    save("dp_drop_vs_group_size", fig)
+
+    # 5. Pareto: utility vs worst-group gap
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = []
+    for c in an.configs:
+        gap = c["utility"]["auroc"]["mean"] - c["worst_group_auroc"]["mean"]
+        pts.append((gap, c["utility"]["auroc"]["mean"], c))
+        ax.scatter(gap, c["utility"]["auroc"]["mean"], color=colors[c["backend"]], s=30)
+        ax.annotate(f"{c['backend'][0]}:{eps_label(c['epsilon'])}", (gap, c["utility"]["auroc"]["mean"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    front = [p for p in pts if np.isfinite(p[0]) and not any(
+        q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1]) for q in pts if np.isfinite(q[0]))]
+    front.sort(key=lambda p: p[0])
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("AUROC minus worst-group AUROC (lower is fairer)")
+    ax.set_ylabel("AUROC")
+    ax.set_title("Utility vs worst-group gap (each point: backend:epsilon)")
+    save("pareto_utility_vs_gap", fig)
+    return out
+
+
+PLOT_TITLES = {
+    "utility_vs_epsilon": "Utility vs epsilon",
+    "group_auroc_vs_epsilon": "Per-group AUROC vs epsilon (dashed: non-private; dotted: small group)",
+    "gaps_vs_epsilon": "Fairness gaps vs epsilon",
+    "dp_drop_vs_group_size": "DP drop vs group size",
+    "pareto_utility_vs_gap": "Pareto: utility vs worst-group gap",
+}
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;max-width:1400px;color:#222}
+table{border-collapse:collapse;margin:0.6em 0 1.4em;font-size:12px}th,td{border:1px solid #ccc;padding:3px 6px;
+text-align:left;vertical-align:top}th{background:#f0f0f0}img{max-width:100%;border:1px solid #eee}
+.warn{color:#a00;font-weight:bold}.note{color:#555;font-size:13px}details{margin:0.5em 0}code{background:#f5f5f5}"""
+
+
+def _intro(an: Analysis) -> list[str]:
+    spec = an.spec
+    n_runs = len(an.runs) + len(an.missing)
+    lines = [
+        f"Recipe: {an.runs[0].record.get('recipe', '?')}; data: {an.runs[0].record['data']['source']}; "
+        f"sensitive attributes: {', '.join(an.runs[0].sensitive)}.",
+        f"Grid: epsilons {', '.join(spec.get('epsilons', sorted({eps_label(r.epsilon) for r in an.runs})))}; "
+        f"seeds {', '.join(str(s) for s in spec.get('seeds', sorted({r.seed for r in an.runs})))}; "
+        f"backends {', '.join(sorted({r.backend for r in an.runs}))}; {len(an.runs)} of {n_runs} runs finished.",
+        f"Decision threshold {an.threshold:g}, fixed before evaluation (never tuned on the test set). "
+        f"CIs: {int(an.level * 100)}% percentile bootstrap over test examples, {an.n_boot} replicates, paired "
+        "across runs that share a seed (same split). 'sd' is the spread over seeds.",
+        f"Groups with fewer than {an.min_group_size} test examples or fewer than 5 of either class are flagged SMALL: "
+        "shown in the per-group tables, left out of the gaps. worst-group AUROC = lowest AUROC over the groups "
+        "of every single attribute.",
+    ]
+    if an.missing:
+        lines.append("NOT IN THIS REPORT: " + "; ".join(f"{m['name']} ({m['status']}{': ' + m['error'] if m['error'] else ''})"
+                                                      for m in an.missing))
+    return lines
+
+
+def render_html(an: Analysis, plots: dict[str, bytes]) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+             "<title>dptrain privacy-utility-fairness report</title>", f"<style>{CSS}</style></head><body>",
+             "<h1>Privacy-utility-fairness report</h1>"]
+    parts += [f"<p class='note'>{e(x)}</p>" for x in _intro(an)]
+    parts.append("<h2>Privacy and the cost of selection</h2>")
+    parts += [f"<p>{e(x)}</p>" for x in _selection_lines(an)]
+    tables = _tables(an)
+    for tid, title, hdr, rows in tables:
+        if tid.startswith("groups-") or tid == "privacy":
+            continue
+        parts.append(f"<h2 id='{e(tid)}'>{e(title)}</h2>" + _html_table(hdr, rows))
+    parts.append("<h2>Plots</h2>")
+    for name, png in plots.items():
+        b64 = base64.b64encode(png).decode()
+        parts.append(f"<h3>{e(PLOT_TITLES[name])}</h3><img alt='{e(name)}' src='data:image/png;base64,{b64}'>")
+    parts.append("<h2>Per group (every attribute and their intersection)</h2>")
+    for tid, title, hdr, rows in tables:
+        if tid.startswith("groups-"):
+            parts.append(f"<details open><summary>{e(title)}</summary>{_html_table(hdr, rows)}</details>")
+    tid, title, hdr, rows = next(t for t in tables if t[0] == "privacy")
+    parts.append(f"<h2 id='privacy'>{e(title)}</h2>" + _html_table(hdr, rows))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _html_table(hdr: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in hdr)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_markdown(an: Analysis, plot_files: dict[str, str]) -> str:
+    def md_table(hdr, rows):
+        esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+        return "\n".join(["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+                         + ["| " + " | ".join(r) + " |" for r in esc])
+
+    parts = ["# Privacy-utility-fairness report", ""] + [f"- {x}" for x in _intro(an)]
+    parts += ["", "## Privacy and the cost of selection", ""] + [x for x in _selection_lines(an)]
+    tables = _tables(an)
+    for tid, title, hdr, rows in tables:
+        if tid.startswith("groups-") or tid == "privacy":
+            continue
+        parts += ["", f"## {title}", "", md_table(hdr, rows)]
+    parts += ["", "## Plots", ""] + [f"![{PLOT_TITLES[n]}]({p})" for n, p in plot_files.items()]
+    for tid, title, hdr, rows in tables:
+        if tid.startswith("groups-") or tid == "privacy":
+            parts += ["", f"## {title}", "", md_table(hdr, rows)]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(an: Analysis, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.html, report.md, summary.csv and plots/*.png into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    plots = _plots(an)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, png in plots.items():
+        atomic_write_bytes(out / "plots" / f"{name}.png", png)
+        files[name] = f"plots/{name}.png"
+    paths = {"html": out / "report.html", "md": out / "report.md", "csv": out / "summary.csv"}
+    atomic_write_bytes(paths["html"], render_html(an, plots).encode())
+    atomic_write_bytes(paths["md"], render_markdown(an, files).encode())
+    frame: pd.DataFrame = an.summary_frame()
+    atomic_write_bytes(paths["csv"], frame.to_csv(index=False).encode())
+    return paths
+
+
+__all__ = ["render_html", "render_markdown", "write_report"]

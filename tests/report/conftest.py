@@ -1,0 +1,35 @@
+"""One small real sweep shared by the report tests (ACTG175, both backends, 2 epochs, tiny MLP)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dptrain.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "actg175-mlp.yaml"
+TINY = ["training.epochs=2", "model.hidden=[8]"]
+EPSILONS = [1.0, 4.0, float("inf")]
+SEEDS = 2
+BACKENDS = ["opacus", "jax"]
+THRESHOLD = 0.25
+
+
+def tiny_recipe(*extra: str):
+    return load_recipe(RECIPE, [*TINY, *extra])
+
+
+@pytest.fixture(scope="session")
+def sweep_dir(tmp_path_factory) -> Path:
+    from dptrain.report import build_report, run_sweep
+
+    out = tmp_path_factory.mktemp("sweep") / "actg175"
+    lines: list[str] = []
+    result = run_sweep(tiny_recipe(), out, epsilons=EPSILONS, seeds=SEEDS, backends=BACKENDS, jobs=2,
+                       threshold=THRESHOLD, progress=lines.append)
+    assert not result.failed, result.statuses
+    (out / "progress.log").write_text("\n".join(lines))
+    build_report(out, n_boot=300)
+    return out
