@@ -168,9 +168,9 @@ class SweepResult:
         return [k for k, v in self.statuses.items() if v == "failed"]
 
 
-def _printer(stream=sys.stderr) -> Callable[[str], None]:
+def _printer() -> Callable[[str], None]:
     def say(msg: str) -> None:
-        print(msg, file=stream, flush=True)
+        print(msg, file=sys.stderr, flush=True)
     return say
 
 

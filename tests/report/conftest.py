@@ -10,7 +10,7 @@ from dptrain.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "actg175-mlp.yaml"
-TINY = ["training.epochs=2", "model.hidden=[8]"]
+TINY = ["training.epochs=1", "model.hidden=[8]"]
 EPSILONS = [1.0, 4.0, float("inf")]
 SEEDS = 2
 BACKENDS = ["opacus", "jax"]
@@ -21,9 +21,13 @@ def tiny_recipe(*extra: str):
     return load_recipe(RECIPE, [*TINY, *extra])
 
 
+_ANALYSIS = {}
+
+
 @pytest.fixture(scope="session")
 def sweep_dir(tmp_path_factory) -> Path:
-    from dptrain.report import build_report, run_sweep
+    from dptrain.report import analyse, run_sweep
+    from dptrain.report.render import write_report
 
     out = tmp_path_factory.mktemp("sweep") / "actg175"
     lines: list[str] = []
@@ -31,5 +35,12 @@ def sweep_dir(tmp_path_factory) -> Path:
                        threshold=THRESHOLD, progress=lines.append)
     assert not result.failed, result.statuses
     (out / "progress.log").write_text("\n".join(lines))
-    build_report(out, n_boot=300)
+    _ANALYSIS["an"] = analyse(out, n_boot=300)
+    write_report(_ANALYSIS["an"], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def sweep_analysis(sweep_dir):
+    """The Analysis the sweep's report was written from (n_boot=300)."""
+    return _ANALYSIS["an"]
