@@ -110,7 +110,27 @@ def _cmd_train(args) -> int:
           f" per {p['privacy_unit']} [{p['accountant']}, {p['sampling']} q={p['sampling_rate']:.4g}, "
           f"sigma={p['noise_multiplier']:.4g}, C={p['clipping_norm']}, {p['steps']} steps]")
     print("test: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    return _print_audit(json.loads((result.out_dir / "audit.json").read_text()), result.out_dir)
+
+
+def _print_audit(a: dict, out) -> int:
+    """Print an audit; returns 3 on a violation (loud), else 0."""
+    fmt = lambda v: "n/a" if v is None else (v if isinstance(v, str) else f"{v:.4f}")  # noqa: E731
+    print(f"audit ({out}/audit.json): claimed epsilon {fmt(a['claimed_epsilon'])}, empirical lower bound "
+          f"{fmt(a['epsilon_lower_bound'])} at {a['confidence']:.0%} confidence (max certifiable "
+          f"{fmt(a['max_certifiable_epsilon'])}), canary AUC {fmt(a['canary_auc'])}, loss-attack AUC "
+          f"{fmt(a['loss_attack']['auc'])} (train vs held-out)")
+    if a["status"] == "VIOLATION":
+        bar = "!" * 100
+        print(f"{bar}\n{a['message']}\n{bar}", file=sys.stderr)
+        return 3
     return 0
+
+
+def _cmd_audit(args) -> int:
+    from dptrain.run import audit_run
+
+    return _print_audit(audit_run(args.run_dir), args.run_dir)
 
 
 def _cmd_sweep(args) -> int:
@@ -206,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
+
+    au = sub.add_parser("audit", help="empirical privacy audit of a finished run (canaries + membership inference)",
+                        description="Recompute the run's audit from its checkpoint and canaries; write audit.json. "
+                                    "Exit status 3 if the empirical lower bound exceeds the claimed epsilon.")
+    au.add_argument("run_dir", help="a run directory (the --out of dptrain train)")
+    au.set_defaults(func=_cmd_audit)
 
     sw = sub.add_parser(
         "sweep", help="train a recipe over epsilon x seed and write a privacy-utility-fairness report",

@@ -61,6 +61,18 @@ class TrainerConfig(_Strict):
     max_physical_batch_size: int = Field(1024, ge=1, description="split larger logical batches into virtual steps")
 
 
+class AuditConfig(_Strict):
+    canaries: int = Field(0, ge=0, description="synthetic canaries, each trained on with probability 1/2 (0: none)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence of the empirical lower bound")
+
+    @model_validator(mode="after")
+    def _enough(self):
+        if 0 < self.canaries < 20:
+            raise ValueError(f"privacy.audit.canaries must be 0 (no canary audit) or >= 20, got {self.canaries}; "
+                             "an audit with fewer canaries cannot certify anything (use 500-1000)")
+        return self
+
+
 class PrivacyConfig(_Strict):
     epsilon: float | None = Field(None, description="target epsilon; inf = non-private baseline")
     noise_multiplier: float | None = Field(None, ge=0, description="instead of epsilon: a fixed noise multiplier")
@@ -71,6 +83,7 @@ class PrivacyConfig(_Strict):
     clip_only: bool = Field(False, description="debugging: clip per example but add no noise (NOT private)")
     secure_rng: bool = Field(False, description="draw noise from the OS CSPRNG (slower)")
     dataset_budget: float | None = Field(None, gt=0, description="total epsilon for all runs on this dataset")
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
     def _one_of(self):

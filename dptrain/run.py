@@ -112,9 +112,10 @@ def privacy_statement(plan: PrivacyPlan, ledger: acc.PrivacyLedger, recipe: Reci
 class _Progress:
     """Progress bar: step, epoch, running loss, epsilon spent so far, ETA (tqdm)."""
 
-    def __init__(self, plan: PrivacyPlan, start: int, enabled: bool):
+    def __init__(self, plan: PrivacyPlan, start: int, enabled: bool, show_loss: bool = True):
         from tqdm.auto import tqdm
 
+        self.show_loss = show_loss
         self.plan, self.k = plan, plan.scheme.steps_per_epoch()
         self.bar = tqdm(total=plan.steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
         self.loss, self.rows, self.eps = 0.0, 0, None
@@ -125,7 +126,8 @@ class _Progress:
         if done % self.k == 0 or done == self.plan.steps:
             self.eps = ledger.epsilon(self.plan.delta, quick=True)
         self.bar.update(1)
-        self.bar.set_postfix(epoch=f"{self.plan.epochs_done(done):.1f}", loss=f"{self.loss / max(self.rows, 1):.4f}",
+        self.bar.set_postfix(epoch=f"{self.plan.epochs_done(done):.1f}",
+                             loss=f"{self.loss / max(self.rows, 1):.4f}" if self.show_loss else "n/a",
                              eps="n/a" if self.eps is None else f"{self.eps:.3g}", refresh=False)
 
     def close(self):
@@ -148,11 +150,21 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
 
     # ---- validate everything before writing anything ----
     data = load_tabular(recipe.data, seed=recipe.seed)
-    plan = PrivacyPlan.from_recipe(recipe, data.num_units, data.privacy_unit)
+    n_canaries = recipe.privacy.audit.canaries
+    # canaries are extra privacy units 0..M-1 after the real ones; an excluded canary is an empty unit, so the
+    # number of units (and q) is public and does not depend on the secret inclusion coins
+    plan = PrivacyPlan.from_recipe(recipe, data.num_units + n_canaries, data.privacy_unit)
     if plan.mode == "dp" and plan.target_epsilon is not None:
         planned = plan.planned_ledger().epsilon(plan.delta)
         if planned > plan.target_epsilon:  # calibration guarantees this never happens; check anyway
             raise RunError(f"plan: planned epsilon {planned:.4g} exceeds target {plan.target_epsilon}; refusing")
+    if n_canaries:
+        from dptrain.audit.bounds import _auditing
+
+        try:
+            _auditing()
+        except ImportError as err:
+            raise RunError(f"privacy.audit.canaries: {err}; or set privacy.audit.canaries=0") from None
     config_text = dump_recipe(recipe)
     if resume and (out / "config.yaml").exists() and (out / "config.yaml").read_text() != config_text:
         raise RunError(f"--resume: the recipe differs from {out / 'config.yaml'}; resume with the same recipe "
@@ -178,6 +190,16 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
     # ---- start or resume ----
     out.mkdir(parents=True, exist_ok=True)
     metrics: list[dict[str, Any]] = []
+    canaries = None
+    if n_canaries:
+        from dptrain.audit.canaries import FILE, load_canaries, make_canaries, save_canaries
+
+        if resume and (out / FILE).exists():
+            canaries = load_canaries(out / FILE)
+        else:
+            canaries = make_canaries(n_canaries, _numeric_mask(data), len(data.classes))
+            save_canaries(out / FILE, canaries)
+    x_train, y_train, units_train = _with_canaries(data, canaries)
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         ledger = acc.PrivacyLedger.from_dict(json.loads(state["ledger"]))
@@ -192,11 +214,11 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
         atomic_write_bytes(out / "config.yaml", config_text.encode())
         atomic_write_bytes(out / "run_id", run_id.encode())
 
-    sampler = UnitSampler(data.units_train, data.num_units, plan.scheme, dp_seed=dp_seed,
+    sampler = UnitSampler(units_train, plan.num_units, plan.scheme, dp_seed=dp_seed,
                           secure=recipe.privacy.secure_rng)
     k = plan.scheme.steps_per_epoch()
     every = checkpoint_every or k
-    bar = _Progress(plan, start, progress)
+    bar = _Progress(plan, start, progress, show_loss=canaries is None)
     epoch_loss = {"sum": 0.0, "rows": 0}
 
     def save(done: int) -> None:
@@ -213,14 +235,16 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
             eps = led.epsilon(plan.delta, quick=True)  # per-epoch upper bound; the record has the final number
             metrics.append({"epoch": round(plan.epochs_done(done), 3), "step": done,
                             "epsilon_upper_bound": eps if math.isfinite(eps) else "inf",
-                            "train_loss_mean": epoch_loss["sum"] / max(epoch_loss["rows"], 1)})
+                            # with canaries the batches hold canary rows: no training loss is logged
+                            "train_loss_mean": None if canaries is not None
+                            else epoch_loss["sum"] / max(epoch_loss["rows"], 1)})
             epoch_loss.update(sum=0.0, rows=0)
         if done % every == 0 or done == plan.steps:
             save(done)
 
     t0 = time.time()
     try:
-        run_loop(trainer, sampler, plan, ledger, data.x_train, data.y_train, data.units_train,
+        run_loop(trainer, sampler, plan, ledger, x_train, y_train, units_train,
                  start_step=start, callbacks=[bar, on_step])
     finally:
         bar.close()
@@ -234,14 +258,18 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
     ledger.save(out / "ledger.json")
     if budget is not None:
         budget.settle(run_id, ledger)
+    statement = privacy_statement(plan, ledger, recipe)
+    audit = _audit(trainer, data, canaries, statement, recipe)
+    atomic_write_json(out / "audit.json", _jsonable(audit))
     record = {
         "format": "dptrain.run-record/1",
         "status": "finished",
         "recipe": recipe.name,
-        "privacy": privacy_statement(plan, ledger, recipe),
+        "privacy": statement,
+        "audit": _audit_summary(audit),
         "metrics": {"test": test_metrics},
         "data": {"source": data.source, "n_train": int(len(data.y_train)), "n_test": int(len(data.y_test)),
-                 "num_units": data.num_units, "privacy_unit": data.privacy_unit, "classes": data.classes,
+                 "num_units": data.num_units, "audit_canary_units": n_canaries, "privacy_unit": data.privacy_unit, "classes": data.classes,
                  "features": data.feature_names, "preprocessing": data.preprocessing},
         "training": {"backend": recipe.trainer.backend,
                      "clipping": recipe.trainer.grad_sample_mode if recipe.trainer.backend == "opacus"
@@ -251,6 +279,81 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
     }
     atomic_write_json(out / "record.json", _jsonable(record))
     return RunResult(out, record)
+
+
+def restore(out_dir: str | Path):
+    """(recipe, data, trainer) of a run directory, the trainer loaded from its checkpoint (for audits)."""
+    import yaml
+
+    from dptrain.config import parse_recipe
+
+    out = Path(out_dir)
+    if not (out / "config.yaml").exists() or not (out / CHECKPOINT).exists():
+        raise RunError(f"{out}: not a run directory (config.yaml and {CHECKPOINT} are needed); "
+                       "give the --out of a `dptrain train` run")
+    recipe = parse_recipe(yaml.safe_load((out / "config.yaml").read_text()))
+    data = load_tabular(recipe.data, seed=recipe.seed)
+    plan = PrivacyPlan.from_recipe(recipe, data.num_units + recipe.privacy.audit.canaries, data.privacy_unit)
+    state = load_checkpoint(out / CHECKPOINT)
+    trainer = build_trainer(recipe)
+    trainer.init(build_model(recipe, data), plan, seed=recipe.seed, dp_seed=int(state["dp_seed"]),
+                 fix_batchnorm=recipe.model.fix_batchnorm)
+    trainer.load_state_dict(state["trainer"])
+    return recipe, data, trainer
+
+
+def audit_run(out_dir: str | Path) -> dict[str, Any]:
+    """Re-run the audit of a finished run from its checkpoint; rewrites audit.json and the record's audit."""
+    out = Path(out_dir)
+    if not (out / "record.json").exists():
+        raise RunError(f"{out}: no record.json (the run has not finished); finish it with --resume first")
+    recipe, data, trainer = restore(out)
+    canaries = None
+    if recipe.privacy.audit.canaries:
+        from dptrain.audit.canaries import FILE, load_canaries
+
+        canaries = load_canaries(out / FILE)
+    record = json.loads((out / "record.json").read_text())
+    audit = _jsonable(_audit(trainer, data, canaries, record["privacy"], recipe))
+    atomic_write_json(out / "audit.json", audit)
+    record["audit"] = _audit_summary(audit)
+    atomic_write_json(out / "record.json", _jsonable(record))
+    return audit
+
+
+def _numeric_mask(data: TabularData) -> np.ndarray:
+    n_num = len(data.preprocessing.get("numeric", {}))
+    return np.arange(len(data.feature_names)) < n_num
+
+
+def _with_canaries(data: TabularData, canaries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training arrays with the included canaries appended, canary j being privacy unit num_units + j."""
+    if canaries is None:
+        return data.x_train, data.y_train, data.units_train
+    idx = np.flatnonzero(canaries.included)
+    return (np.concatenate([data.x_train, canaries.x[idx]]), np.concatenate([data.y_train, canaries.y[idx]]),
+            np.concatenate([data.units_train, data.num_units + idx]))
+
+
+def _audit(trainer, data: TabularData, canaries, statement: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    from dptrain.audit.audit import compute_audit
+
+    eps = statement["epsilon"]
+    return compute_audit(trainer.predict, canaries=canaries, x_train=data.x_train, y_train=data.y_train,
+                         x_test=data.x_test, y_test=data.y_test,
+                         claimed_epsilon=math.inf if eps == "inf" else float(eps), delta=statement["delta"],
+                         confidence=recipe.privacy.audit.confidence)
+
+
+AUDIT_SUMMARY_KEYS = ("status", "epsilon_lower_bound", "max_certifiable_epsilon", "claimed_epsilon", "canary_auc",
+                      "confidence", "message")
+
+
+def _audit_summary(audit: dict[str, Any]) -> dict[str, Any]:
+    out = {k: audit.get(k) for k in AUDIT_SUMMARY_KEYS}
+    out["loss_attack_auc"] = audit["loss_attack"]["auc"]
+    out["file"] = "audit.json"
+    return out
 
 
 def _read_run_id(out: Path) -> str | None:
@@ -302,4 +405,4 @@ def _jsonable(obj):
     return obj
 
 
-__all__ = ["RunError", "RunResult", "train", "CheckpointError", "RecipeError"]
+__all__ = ["RunError", "RunResult", "audit_run", "restore", "train", "CheckpointError", "RecipeError"]

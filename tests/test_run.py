@@ -36,7 +36,7 @@ NO_EPS = "privacy.epsilon="  # empty value -> None, so that noise_multiplier may
 DP_SEED = 918273645546372819  # secret; must never appear outside the checkpoint
 METRIC_KEYS = {"epoch", "step", "epsilon_upper_bound", "train_loss_mean"}
 RUN_FILES = {"config.yaml", "run_id", "ledger.json", "metrics.jsonl", "checkpoint.pt", "predictions.parquet",
-             "record.json"}
+             "record.json", "audit.json"}
 
 
 def tiny(*extra: str):

@@ -150,6 +150,12 @@ class Analysis:
             for g in self.groupings:
                 for k in fm.GAPS:
                     row[f"{k}[{g}]"] = r.gaps[g][k]
+            a = r.record.get("audit") or {}
+            row["audit_status"] = a.get("status", "not audited")
+            row["audit_epsilon_lower_bound"] = a.get("epsilon_lower_bound")
+            row["audit_max_certifiable_epsilon"] = a.get("max_certifiable_epsilon")
+            row["canary_auc"] = a.get("canary_auc")
+            row["loss_attack_auc"] = a.get("loss_attack_auc")
             row["threshold"] = self.threshold
             rows.append(row)
         for m in self.missing:

@@ -98,6 +98,17 @@ def _tables(an: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]]:
                 for _, r in sub.iterrows()]
         out.append((f"groups-{g}", f"Per group: {g}", hdr, rows))
 
+    hdr = ["run", "backend", "epsilon claimed", "audit", "empirical lower bound", "max certifiable", "canary AUC",
+           "canary TPR@1%FPR", "loss-attack AUC (train vs held-out)"]
+    rows = []
+    for r in sorted(an.runs, key=lambda r: (r.backend, r.epsilon, r.seed)):
+        a = r.record.get("audit") or {}
+        full = _audit_file(r)
+        rows.append([r.name, r.backend, _f(r.record["privacy"]["epsilon"], 4), a.get("status", "not audited"),
+                     _f(a.get("epsilon_lower_bound")), _f(a.get("max_certifiable_epsilon")), _f(a.get("canary_auc")),
+                     _f((full.get("canaries") or {}).get("tpr_at_1%_fpr")), _f(a.get("loss_attack_auc"))])
+    out.append(("audit", "Empirical privacy audit (one-run canary bound, Steinke-Nasr-Jagielski 2023)", hdr, rows))
+
     hdr = ["run", "backend", "epsilon (target)", "seed", "epsilon spent", "delta", "accountant", "unit", "relation",
            "sampling", "q", "sigma", "steps", "C", "clipping", "selection accounted"]
     rows = []
@@ -111,6 +122,26 @@ def _tables(an: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]]:
                      "no (see selection cost)"])
     out.append(("privacy", "Privacy statement of every run", hdr, rows))
     return out
+
+
+def _audit_file(r) -> dict[str, Any]:
+    import json
+
+    p = r.dir / "audit.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _audit_lines(an: Analysis) -> list[str]:
+    bad = [r for r in an.runs if (r.record.get("audit") or {}).get("status") == "VIOLATION"]
+    lines = [f"PRIVACY VIOLATION in {r.name}: {r.record['audit']['message']}" for r in bad]
+    audited = [r for r in an.runs if (r.record.get("audit") or {}).get("epsilon_lower_bound") is not None]
+    if not audited:
+        lines.append("No run has canaries (privacy.audit.canaries): only the loss-threshold attack is reported; "
+                     "add canaries to certify an empirical lower bound.")
+    else:
+        lines.append(f"{len(audited)} of {len(an.runs)} runs carry canaries; no empirical lower bound exceeds its "
+                     "claimed epsilon." if not bad else f"{len(bad)} run(s) FAIL the audit: see above.")
+    return lines
 
 
 def _selection_lines(an: Analysis) -> list[str]:
@@ -281,6 +312,36 @@ def _plots(an: Analysis) -> dict[str, bytes]:
     ax.set_ylabel("AUROC")
     ax.set_title("Utility vs worst-group gap (each point: backend:epsilon)")
     save("pareto_utility_vs_gap", fig)
+
+    # 6. claimed epsilon vs audited lower bound
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fin = [c["epsilon"] for c in an.configs if math.isfinite(c["epsilon"])]
+    top = max(fin) * 2 if fin else 10.0
+    for b in backends:
+        for r in (r for r in an.runs if r.backend == b):
+            a = r.record.get("audit") or {}
+            lb = a.get("epsilon_lower_bound")
+            if lb is None:
+                continue
+            x = r.epsilon if r.private else top
+            bad = a.get("status") == "VIOLATION"
+            ax.scatter(x, lb, marker="x" if bad else markers[b], color="red" if bad else colors[b], s=40 if bad else 22,
+                       label=f"{b}{' VIOLATION' if bad else ''}")
+            if a.get("max_certifiable_epsilon") is not None:
+                ax.scatter(x, a["max_certifiable_epsilon"], marker="_", color="grey", s=80)
+    lim = [min(fin + [0.5]) / 2, top * 1.3]
+    ax.plot(lim, lim, "k--", lw=0.8, label="lower bound = claimed")
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ticks = sorted(set(fin)) + [top]
+    ax.set_xticks(ticks, [eps_label(t) for t in sorted(set(fin))] + ["inf"])
+    ax.set_xlabel("claimed epsilon (accountant)")
+    ax.set_ylabel("empirical lower bound (95%)")
+    ax.set_title("Audit: claimed epsilon vs audited lower bound (grey: max certifiable)")
+    h, lab = ax.get_legend_handles_labels()
+    uniq = dict(zip(lab, h, strict=True))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    save("audit_claimed_vs_lower_bound", fig)
     return out
 
 
@@ -290,6 +351,7 @@ PLOT_TITLES = {
     "gaps_vs_epsilon": "Fairness gaps vs epsilon",
     "dp_drop_vs_group_size": "DP drop vs group size",
     "pareto_utility_vs_gap": "Pareto: utility vs worst-group gap",
+    "audit_claimed_vs_lower_bound": "Audit: claimed epsilon vs empirical lower bound",
 }
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;max-width:1400px;color:#222}
@@ -326,6 +388,8 @@ def render_html(an: Analysis, plots: dict[str, bytes]) -> str:
              "<title>dptrain privacy-utility-fairness report</title>", f"<style>{CSS}</style></head><body>",
              "<h1>Privacy-utility-fairness report</h1>"]
     parts += [f"<p class='note'>{e(x)}</p>" for x in _intro(an)]
+    parts.append("<h2>Empirical privacy audit</h2>")
+    parts += [f"<p class='{'warn' if x.startswith('PRIVACY VIOLATION') else ''}'>{e(x)}</p>" for x in _audit_lines(an)]
     parts.append("<h2>Privacy and the cost of selection</h2>")
     parts += [f"<p>{e(x)}</p>" for x in _selection_lines(an)]
     tables = _tables(an)
@@ -361,6 +425,8 @@ def render_markdown(an: Analysis, plot_files: dict[str, str]) -> str:
                          + ["| " + " | ".join(r) + " |" for r in esc])
 
     parts = ["# Privacy-utility-fairness report", ""] + [f"- {x}" for x in _intro(an)]
+    parts += ["", "## Empirical privacy audit", ""] + [f"**{x}**" if x.startswith("PRIVACY VIOLATION") else x
+                                                         for x in _audit_lines(an)]
     parts += ["", "## Privacy and the cost of selection", ""] + [x for x in _selection_lines(an)]
     tables = _tables(an)
     for tid, title, hdr, rows in tables:

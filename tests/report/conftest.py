@@ -10,7 +10,7 @@ from dptrain.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "actg175-mlp.yaml"
-TINY = ["training.epochs=1", "model.hidden=[8]"]
+TINY = ["training.epochs=1", "model.hidden=[8]", "privacy.audit.canaries=200"]
 EPSILONS = [1.0, 4.0, float("inf")]
 SEEDS = 2
 BACKENDS = ["opacus", "jax"]

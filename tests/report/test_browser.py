@@ -41,5 +41,5 @@ def test_report_renders_in_headless_chromium(sweep_dir, tmp_path):
     m = re.search(r"data-check=\"([^\"]+)\"", out.stdout)
     assert m, f"the page did not finish loading in Chromium: {out.stderr[-2000:]}"
     check = json.loads(m.group(1).replace("&quot;", '"'))
-    assert check["images"] == 5 and check["rendered"] == 5, check  # no broken image
+    assert check["images"] == 6 and check["rendered"] == 6, check  # no broken image
     assert check["tables"] >= 8 and check["rows"] >= 40, check

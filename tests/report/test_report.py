@@ -150,7 +150,7 @@ def test_groups_below_min_size_are_flagged_not_hidden(an):
 def test_report_files(sweep_dir, summary):
     html = (sweep_dir / "report.html").read_text()
     imgs = re.findall(r"<img alt='([^']+)' src='data:image/png;base64,([^']+)'>", html)
-    assert len(imgs) == 5
+    assert len(imgs) == 6
     for _, b64 in imgs:
         assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", html), "report.html must open offline"
@@ -162,6 +162,19 @@ def test_report_files(sweep_dir, summary):
     for section in ("Utility vs epsilon", "Fairness gaps by race", "Change vs non-private",
                     "Correlation between epsilon", "Per group: race × gender × age_group", "Privacy statement"):
         assert section in md and section in html
+
+
+def test_audit_in_summary_and_report(sweep_dir, summary):
+    for row in summary.itertuples():
+        a = json.loads((sweep_dir / "runs" / row.run / "audit.json").read_text())
+        assert row.audit_status == a["status"] == "ok"
+        assert row.audit_epsilon_lower_bound == pytest.approx(a["epsilon_lower_bound"])
+        assert row.canary_auc == pytest.approx(a["canary_auc"])
+        if math.isfinite(float(row.epsilon)):
+            assert row.audit_epsilon_lower_bound <= row.epsilon_spent
+    md = (sweep_dir / "report.md").read_text()
+    assert "## Empirical privacy audit" in md and "no empirical lower bound exceeds its claimed epsilon" in md
+    assert "Audit: claimed epsilon vs empirical lower bound" in md
 
 
 def test_report_cli_rerenders_without_retraining(sweep_dir, tmp_path, capsys):
