@@ -375,6 +375,9 @@ def _intro(an: Analysis) -> list[str]:
         f"Groups with fewer than {an.min_group_size} test examples or fewer than 5 of either class are flagged SMALL: "
         "shown in the per-group tables, left out of the gaps. worst-group AUROC = lowest AUROC over the groups "
         "of every single attribute.",
+        "Gaps are maxima/minima over groups: their bootstrap distribution is biased (the extremes of noisy group "
+        "estimates), so a percentile interval can sit beside its point estimate; read the paired changes vs "
+        "non-private for conclusions.",
     ]
     if an.missing:
         lines.append("NOT IN THIS REPORT: " + "; ".join(f"{m['name']} ({m['status']}{': ' + m['error'] if m['error'] else ''})"
