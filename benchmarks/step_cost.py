@@ -4,6 +4,8 @@ Models (synthetic data, fixed batch every step):
 
 * ``mlp`` -- MLP 784-512-256-10 (ReLU), batch 512;
 * ``cnn`` -- small GroupNorm CNN on 28x28x1 (conv16-GN-relu-pool, conv32-GN-relu-pool, dense 10), batch 256;
+* ``br35h`` -- the Br35H recipe's CNN (MONAI ``Classifier`` conv16/32/64 stride 2, GroupNorm, on 64x64x1;
+  its flax twin ``ImageCNN`` for JAX), batch 128 (``ex/s`` = images/s);
 * ``lora`` -- one pre-LN transformer block (seq 64, d 128, 4 heads, MLP 256, vocab 256) with rank-8 LoRA
   adapters on q/k/v/o and both MLP projections, only the adapters trainable; batch 64.
 
@@ -45,7 +47,8 @@ from pathlib import Path
 # benchmarks/accounting.py would shadow the accounting package: drop this folder from the path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-MODELS = {"mlp": 512, "cnn": 256, "lora": 64}  # batch sizes
+MODELS = {"mlp": 512, "cnn": 256, "br35h": 128, "lora": 64}  # batch sizes
+BR35H = dict(name="cnn", channels=[16, 32, 64], strides=[2, 2, 2], groups=8)
 MODES = ["torch", "opacus-hooks", "opacus-ghost", "jax", "jax-vmap", "jax-fast"]
 NUM_UNITS = 60_000
 SEQ, VOCAB, D_MODEL, HEADS, MLP_DIM, RANK, LORA_CLASSES = 64, 256, 128, 4, 256, 8, 2
@@ -65,6 +68,8 @@ def torch_model(name: str):
 
     if name == "mlp":
         return build_torch_model(ModelConfig(hidden=[512, 256], activation="relu"), 784, 10)
+    if name == "br35h":
+        return build_torch_model(ModelConfig(**BR35H), (1, 64, 64), 10)
     if name == "cnn":
         return nn.Sequential(
             nn.Conv2d(1, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(), nn.MaxPool2d(2),
@@ -116,6 +121,8 @@ def flax_model(name: str):
         return fm.build_flax_model(ModelConfig(hidden=[512, 256], activation="relu"), 784, 10)
     if name == "cnn":
         return fm.SmallCNN()
+    if name == "br35h":
+        return fm.build_flax_model(ModelConfig(**BR35H), (1, 64, 64), 10)
     return fm.LoRATransformer(vocab=VOCAB, seq_len=SEQ, d_model=D_MODEL, heads=HEADS, mlp=MLP_DIM, rank=RANK,
                               num_classes=LORA_CLASSES)
 
@@ -128,6 +135,8 @@ def data(name: str, batch: int, channels_last: bool):
         x = rng.normal(size=(batch, 784)).astype(np.float32)
     elif name == "cnn":
         x = rng.normal(size=(batch, 28, 28, 1) if channels_last else (batch, 1, 28, 28)).astype(np.float32)
+    elif name == "br35h":  # both backends take NCHW (ImageCNN transposes inside)
+        x = rng.random((batch, 1, 64, 64), dtype=np.float32)
     else:
         x = rng.integers(0, VOCAB, (batch, SEQ)).astype(np.int64 if not channels_last else np.int32)
     y = rng.integers(0, LORA_CLASSES if name == "lora" else 10, batch).astype(np.int64)

@@ -168,8 +168,9 @@ def _cmd_report(args) -> int:
 
 def _cmd_datasets(args) -> int:
     from dptrain.data import list_datasets
+    from dptrain.data.images import list_image_datasets
 
-    rows = list_datasets()
+    rows = list_datasets() + list_image_datasets()
     if args.json:
         print(json.dumps(rows))
         return 0

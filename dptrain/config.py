@@ -22,6 +22,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class ImageConfig(_Strict):
+    size: int = Field(64, ge=8, le=1024, description="images are resized to size x size")
+    channels: Literal[1, 3] = Field(1, description="1: grayscale (RGB averaged), 3: RGB")
+    intensity: list[float] | None = Field(
+        None, description="declared input intensity range [low, high] mapped to [0, 1] (default [0, 255] for "
+                          "8-bit PNG/JPEG); never computed from the data")
+    path_column: str = Field("path", description="manifest column holding image paths (relative to the manifest)")
+
+    @field_validator("intensity")
+    @classmethod
+    def _range(cls, v):
+        if v is not None and (len(v) != 2 or not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] < v[1])):
+            raise ValueError(f"data.image.intensity must be [low, high] with low < high, got {v}")
+        return v
+
+
 class DataConfig(_Strict):
     source: str = Field(description="builtin:NAME, or a path to a .csv / .parquet file")
     label: str | None = Field(None, description="label column (built-ins have a default)")
@@ -33,6 +49,8 @@ class DataConfig(_Strict):
     sensitive: list[str] | None = Field(None, description="sensitive attributes kept for fairness reports")
     privacy_unit: str | None = Field(None, description="column identifying a patient; null = per example")
     test_fraction: float = Field(0.25, gt=0, lt=1)
+    image: ImageConfig | None = Field(None, description="set for image data: a manifest CSV, a MedMNIST .npz, "
+                                                        "or a built-in image dataset")
 
     @field_validator("numeric")
     @classmethod
@@ -47,9 +65,13 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: Literal["mlp", "logistic"] = "mlp"
+    name: Literal["mlp", "logistic", "cnn"] = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [64, 64])
     activation: Literal["relu", "tanh", "gelu"] = "tanh"
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64], description="cnn: channels per conv layer")
+    strides: list[int] = Field(default_factory=lambda: [2, 2, 2], description="cnn: stride per conv layer")
+    groups: int = Field(8, ge=1, description="cnn: GroupNorm groups (never BatchNorm)")
+    weight_standardization: bool = Field(False, description="cnn: standardise conv weights (De et al. 2022)")
     fix_batchnorm: bool = Field(False, description="replace BatchNorm with GroupNorm (Opacus ModuleValidator.fix)")
 
 
@@ -111,6 +133,19 @@ class TrainingConfig(_Strict):
     epochs: float = Field(20, gt=0)
     batch_size: int = Field(256, ge=1, description="expected (logical) batch size")
     eval_every_epochs: float = Field(1.0, gt=0)
+    augment: Literal["none", "flip_shift"] = Field(
+        "none", description="images: random horizontal flip + shift by up to 4 pixels (reflect padding)")
+    augmult: int = Field(1, ge=1, le=64, description="augmentation multiplicity K: each unit's gradient is the "
+                                                      "mean over K augmentations, clipped once (De et al. 2022)")
+    ema: float | None = Field(None, ge=0, lt=1, description="decay of an exponential moving average of the "
+                                                            "parameters used for evaluation (e.g. 0.99); null: off")
+
+    @model_validator(mode="after")
+    def _augmult(self):
+        if self.augmult > 1 and self.augment == "none":
+            raise ValueError(f"training.augmult={self.augmult} needs an augmentation: set training.augment: "
+                             "flip_shift (or augmult: 1)")
+        return self
 
 
 class Recipe(_Strict):

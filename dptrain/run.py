@@ -24,7 +24,8 @@ import numpy as np
 import accounting as acc
 from accounting._io import atomic_write_bytes, atomic_write_json
 from dptrain.config import Recipe, RecipeError, dump_recipe
-from dptrain.data import TabularData, load_tabular
+from dptrain.data import TabularData, load_data
+from dptrain.data.augment import make_augmenter
 from dptrain.evaluate.metrics import utility_metrics
 from dptrain.trainers.base import TrainerError
 from dptrain.trainers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -67,17 +68,22 @@ def build_trainer(recipe: Recipe):
 
 
 def build_model(recipe: Recipe, data: TabularData):
-    if recipe.trainer.backend == "jax":
-        from dptrain.models.flax_models import build_flax_model
+    shape = data.x_train.shape[1:]
+    inputs = int(shape[0]) if len(shape) == 1 else tuple(int(d) for d in shape)
+    try:
+        if recipe.trainer.backend == "jax":
+            from dptrain.models.flax_models import build_flax_model
 
-        return build_flax_model(recipe.model, data.x_train.shape[1], len(data.classes))
-    import torch
+            return build_flax_model(recipe.model, inputs, len(data.classes))
+        import torch
 
-    from dptrain.models.torch_models import build_torch_model
+        from dptrain.models.torch_models import build_torch_model
 
-    with torch.random.fork_rng():  # deterministic init from the recipe seed, global RNG untouched
-        torch.manual_seed(recipe.seed)
-        return build_torch_model(recipe.model, data.x_train.shape[1], len(data.classes))
+        with torch.random.fork_rng():  # deterministic init from the recipe seed, global RNG untouched
+            torch.manual_seed(recipe.seed)
+            return build_torch_model(recipe.model, inputs, len(data.classes))
+    except ValueError as err:
+        raise TrainerError(str(err)) from None
 
 
 def privacy_statement(plan: PrivacyPlan, ledger: acc.PrivacyLedger, recipe: Recipe) -> dict[str, Any]:
@@ -149,7 +155,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
         return RunResult(out, json.loads((out / "record.json").read_text()))
 
     # ---- validate everything before writing anything ----
-    data = load_tabular(recipe.data, seed=recipe.seed)
+    data = load_data(recipe.data, seed=recipe.seed)
     n_canaries = recipe.privacy.audit.canaries
     # canaries are extra privacy units 0..M-1 after the real ones; an excluded canary is an empty unit, so the
     # number of units (and q) is public and does not depend on the secret inclusion coins
@@ -205,15 +211,18 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
         ledger = acc.PrivacyLedger.from_dict(json.loads(state["ledger"]))
         dp_seed, start = int(state["dp_seed"]), int(state["step"])
         metrics = json.loads(state["metrics"])
-        trainer.init(model, plan, seed=recipe.seed, dp_seed=dp_seed, fix_batchnorm=recipe.model.fix_batchnorm)
+        trainer.init(model, plan, seed=recipe.seed, dp_seed=dp_seed, fix_batchnorm=recipe.model.fix_batchnorm,
+                     ema=recipe.training.ema)
         trainer.load_state_dict(state["trainer"])
     else:
         dp_seed = secrets.randbits(63) if dp_seed is None else int(dp_seed)
         ledger, start = plan.new_ledger(run=out.name, recipe=recipe.name), 0
-        trainer.init(model, plan, seed=recipe.seed, dp_seed=dp_seed, fix_batchnorm=recipe.model.fix_batchnorm)
+        trainer.init(model, plan, seed=recipe.seed, dp_seed=dp_seed, fix_batchnorm=recipe.model.fix_batchnorm,
+                     ema=recipe.training.ema)
         atomic_write_bytes(out / "config.yaml", config_text.encode())
         atomic_write_bytes(out / "run_id", run_id.encode())
 
+    augment = make_augmenter(recipe.training.augment, recipe.training.augmult, recipe.seed)
     sampler = UnitSampler(units_train, plan.num_units, plan.scheme, dp_seed=dp_seed,
                           secure=recipe.privacy.secure_rng)
     k = plan.scheme.steps_per_epoch()
@@ -244,8 +253,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
 
     t0 = time.time()
     try:
-        run_loop(trainer, sampler, plan, ledger, x_train, y_train, units_train,
-                 start_step=start, callbacks=[bar, on_step])
+        run_loop(trainer, sampler, plan, ledger, x_train, y_train, units_train, start_step=start,
+                 callbacks=[bar, on_step], augment=augment)
     finally:
         bar.close()
     seconds = time.time() - t0
@@ -259,6 +268,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
     if budget is not None:
         budget.settle(run_id, ledger)
     statement = privacy_statement(plan, ledger, recipe)
+    if "warning" in data.preprocessing:  # e.g. per-image DP on data that has patient ids
+        statement["warning"] = "; ".join(filter(None, [statement.get("warning"), data.preprocessing["warning"]]))
     audit = _audit(trainer, data, canaries, statement, recipe)
     atomic_write_json(out / "audit.json", _jsonable(audit))
     record = {
@@ -292,12 +303,12 @@ def restore(out_dir: str | Path):
         raise RunError(f"{out}: not a run directory (config.yaml and {CHECKPOINT} are needed); "
                        "give the --out of a `dptrain train` run")
     recipe = parse_recipe(yaml.safe_load((out / "config.yaml").read_text()))
-    data = load_tabular(recipe.data, seed=recipe.seed)
+    data = load_data(recipe.data, seed=recipe.seed)
     plan = PrivacyPlan.from_recipe(recipe, data.num_units + recipe.privacy.audit.canaries, data.privacy_unit)
     state = load_checkpoint(out / CHECKPOINT)
     trainer = build_trainer(recipe)
     trainer.init(build_model(recipe, data), plan, seed=recipe.seed, dp_seed=int(state["dp_seed"]),
-                 fix_batchnorm=recipe.model.fix_batchnorm)
+                 fix_batchnorm=recipe.model.fix_batchnorm, ema=recipe.training.ema)
     trainer.load_state_dict(state["trainer"])
     return recipe, data, trainer
 
@@ -321,7 +332,10 @@ def audit_run(out_dir: str | Path) -> dict[str, Any]:
     return audit
 
 
-def _numeric_mask(data: TabularData) -> np.ndarray:
+def _numeric_mask(data: TabularData) -> np.ndarray | tuple[int, ...]:
+    """Tables: which columns are numeric (the rest one-hot). Images: the image shape."""
+    if data.x_train.ndim > 2:
+        return tuple(data.x_train.shape[1:])
     n_num = len(data.preprocessing.get("numeric", {}))
     return np.arange(len(data.feature_names)) < n_num
 

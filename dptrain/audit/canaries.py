@@ -39,17 +39,21 @@ class Canaries:
         return len(self.y)
 
 
-def make_canaries(m: int, numeric: np.ndarray, num_classes: int) -> Canaries:
-    """``m`` canaries over features where ``numeric[j]`` says whether column j is numeric (else one-hot).
+def make_canaries(m: int, numeric: np.ndarray | tuple[int, ...], num_classes: int) -> Canaries:
+    """``m`` canaries over features where ``numeric[j]`` says whether column j is numeric (else one-hot);
+    for images ``numeric`` is the image shape (C, H, W) and a canary is uniform pixel noise in [0, 1].
 
     All randomness comes from the OS CSPRNG (no seed that could be logged or reused).
     """
     rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+    included = np.frombuffer(os.urandom(m), dtype=np.uint8) & 1 == 1
+    y = rng.integers(0, num_classes, size=m).astype(np.int64)
+    if isinstance(numeric, tuple):
+        x = rng.random((m, *numeric), dtype=np.float32)
+        return Canaries(x, y, np.asarray(included, dtype=bool))
     d = len(numeric)
     signs = rng.integers(0, 2, size=(m, d)) * 2 - 1
     x = np.where(np.asarray(numeric, bool)[None, :], 2.0 * signs, (signs > 0).astype(float)).astype(np.float32)
-    y = rng.integers(0, num_classes, size=m).astype(np.int64)
-    included = np.frombuffer(os.urandom(m), dtype=np.uint8) & 1 == 1
     return Canaries(x, y, np.asarray(included, dtype=bool))
 
 

@@ -73,7 +73,7 @@ def _canon(v: Any) -> str:
 
 @dataclass(frozen=True)
 class TabularData:
-    """Encoded, split tabular data.
+    """Encoded, split data (tables; images use the same container with ``x_*`` of shape (n, C, H, W)).
 
     ``x_*`` are float32 in [-1, 1] (numeric: clipped to declared bounds then mapped linearly; categorical:
     one-hot, 0/1). ``y_*`` are int64 class indices; for binary labels ``classes[1]`` is the positive class.
@@ -98,10 +98,11 @@ class TabularData:
     preprocessing: dict
 
     def __post_init__(self):
-        n, d = self.x_train.shape
+        n, shape = self.x_train.shape[0], self.x_train.shape[1:]
         checks = [
             (self.x_train.dtype == np.float32 and self.x_test.dtype == np.float32, "x_* float32"),
-            (self.x_test.shape[1] == d == len(self.feature_names), f"{d} features in x_train, x_test, names"),
+            (self.x_test.shape[1:] == shape, f"x_train and x_test with the same example shape {shape}"),
+            (len(shape) != 1 or shape[0] == len(self.feature_names), "one feature name per column"),
             (self.y_train.shape == (n,) and self.units_train.shape == (n,), f"y_train, units_train of length {n}"),
             (self.y_test.shape == (self.x_test.shape[0],), "y_test aligned with x_test"),
             (len(self.sensitive_train) == n and len(self.sensitive_test) == len(self.y_test),

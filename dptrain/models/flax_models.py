@@ -217,6 +217,57 @@ class SmallCNN(nn.Module):
         return Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
+class WSConv(nn.Module):
+    """Conv with weight standardisation (per output channel). No fast-clipping tap: the jax backend's
+    ``auto`` clipping falls back to vmap per-example gradients for its kernel."""
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "SAME"
+
+    @nn.compact
+    def __call__(self, x):
+        kh, kw = self.kernel_size
+        cin = x.shape[-1]
+        kernel = self.param("kernel", torch_uniform(cin * kh * kw), (kh, kw, cin, self.features))
+        mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
+        var = jnp.square(kernel - mean).mean(axis=(0, 1, 2), keepdims=True)
+        kernel = (kernel - mean) * lax.rsqrt(var + 1e-5)
+        y = lax.conv_general_dilated(x, kernel, self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + self.param("bias", torch_uniform(cin * kh * kw), (self.features,))
+
+
+class ImageCNN(nn.Module):
+    """The flax twin of the MONAI ``Classifier`` of ``torch_models.build_cnn``: conv(stride, SAME)-GroupNorm-ReLU
+    blocks, a last conv without norm/activation, flatten, dense. Takes NCHW input (as the torch model)."""
+
+    in_shape: tuple[int, int, int] = (1, 64, 64)
+    num_classes: int = 2
+    channels: tuple[int, ...] = (16, 32, 64)
+    strides: tuple[int, ...] = (2, 2, 2)
+    groups: int = 8
+    weight_standardization: bool = False
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.in_shape)
+
+    input_dtype = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.transpose(x, (0, 2, 3, 1))
+        last = len(self.channels) - 1
+        for i, (feats, s) in enumerate(zip(self.channels, self.strides, strict=True)):
+            conv = WSConv if self.weight_standardization else Conv
+            kw = {} if self.weight_standardization else {"padding": "SAME"}
+            x = conv(feats, (3, 3), strides=(s, s), **kw)(x)
+            if i < last:
+                x = jax.nn.relu(GroupNorm(self.groups)(x))
+        return Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
 class LoRATransformer(nn.Module):
     """One pre-LN transformer block over token ids, LoRA on q/k/v/o and both MLP projections.
 
@@ -257,8 +308,15 @@ class LoRATransformer(nn.Module):
         return pooled @ head
 
 
-def build_flax_model(cfg: ModelConfig, in_features: int, num_classes: int) -> nn.Module:
-    """Logits model for tables, like ``build_torch_model``: ``in_features`` -> ``num_classes`` logits."""
+def build_flax_model(cfg: ModelConfig, in_features: int | tuple[int, ...], num_classes: int) -> nn.Module:
+    """Logits model like ``build_torch_model``: ``in_features`` (tables) or an image shape (C, H, W)."""
+    if cfg.name == "cnn":
+        if isinstance(in_features, int):
+            raise ValueError("model.name: cnn needs image data (data.image or builtin:br35h); use mlp for tables")
+        return ImageCNN(tuple(in_features), num_classes, tuple(cfg.channels), tuple(cfg.strides), cfg.groups,
+                        cfg.weight_standardization)
+    if not isinstance(in_features, int):
+        raise ValueError(f"model.name: {cfg.name} is for tables; use model.name: cnn for images")
     if cfg.name == "logistic":
         return MLP(in_features, num_classes, hidden=())
     if cfg.name == "mlp":

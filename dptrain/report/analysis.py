@@ -182,9 +182,6 @@ def analyse(sweep_dir: str | Path, *, threshold: float | None = None, n_boot: in
     sens = runs[0].sensitive
     if any(r.sensitive != sens for r in runs):
         raise ReportError("runs disagree on the sensitive attributes; report one recipe's sweep at a time")
-    if not sens:
-        raise ReportError("the runs' predictions carry no sensitive attribute; set data.sensitive in the recipe "
-                          "(e.g. [race, gender]) and rerun the sweep")
 
     # ---- one bootstrap matrix per split (seed): paired across every run on that split ----
     by_seed: dict[int, list[RunData]] = {}
@@ -200,7 +197,8 @@ def analyse(sweep_dir: str | Path, *, threshold: float | None = None, n_boot: in
                                   "a sweep's runs must come from one recipe (same data and split)")
         weights[seed] = fm.bootstrap_weights(len(ref), n_boot, seed=boot_seed * 100003 + seed)
 
-    groupings_by_seed = {s: fm.groupings(rs[0].preds[sens]) for s, rs in by_seed.items()}
+    # without sensitive attributes (e.g. Br35H) the report has utility, privacy and audit, no fairness sections
+    groupings_by_seed = {s: fm.groupings(rs[0].preds[sens]) if sens else [] for s, rs in by_seed.items()}
     names = [g.name for g in next(iter(groupings_by_seed.values()))]
     single = names[:len(sens)]
     for r in runs:

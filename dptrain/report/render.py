@@ -235,6 +235,10 @@ def _plots(an: Analysis) -> dict[str, bytes]:
                  y=1.03)
     save("utility_vs_epsilon", fig)
 
+    if not an.groupings:  # no sensitive attributes: no fairness plots
+        _audit_plot(an, out, save, backends, colors, markers={b: m for b, m in zip(backends, "os^", strict=False)})
+        return out
+
     # 2. per-group AUROC vs epsilon (one panel per grouping and backend)
     fig, axes = plt.subplots(len(backends), len(an.groupings), squeeze=False,
                              figsize=(4.2 * len(an.groupings), 3.4 * len(backends)))
@@ -313,7 +317,14 @@ def _plots(an: Analysis) -> dict[str, bytes]:
     ax.set_title("Utility vs worst-group gap (each point: backend:epsilon)")
     save("pareto_utility_vs_gap", fig)
 
-    # 6. claimed epsilon vs audited lower bound
+    _audit_plot(an, out, save, backends, colors, markers)
+    return out
+
+
+def _audit_plot(an, out, save, backends, colors, markers) -> None:
+    """Claimed epsilon vs audited lower bound across the sweep (grey: max certifiable)."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     fin = [c["epsilon"] for c in an.configs if math.isfinite(c["epsilon"])]
     top = max(fin) * 2 if fin else 10.0
@@ -340,9 +351,9 @@ def _plots(an: Analysis) -> dict[str, bytes]:
     ax.set_title("Audit: claimed epsilon vs audited lower bound (grey: max certifiable)")
     h, lab = ax.get_legend_handles_labels()
     uniq = dict(zip(lab, h, strict=True))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    if uniq:
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
     save("audit_claimed_vs_lower_bound", fig)
-    return out
 
 
 PLOT_TITLES = {
@@ -365,7 +376,8 @@ def _intro(an: Analysis) -> list[str]:
     n_runs = len(an.runs) + len(an.missing)
     lines = [
         f"Recipe: {an.runs[0].record.get('recipe', '?')}; data: {an.runs[0].record['data']['source']}; "
-        f"sensitive attributes: {', '.join(an.runs[0].sensitive)}.",
+        + (f"sensitive attributes: {', '.join(an.runs[0].sensitive)}." if an.runs[0].sensitive else
+           "no sensitive attributes in the data (set data.sensitive): fairness sections are omitted."),
         f"Grid: epsilons {', '.join(spec.get('epsilons', sorted({eps_label(r.epsilon) for r in an.runs})))}; "
         f"seeds {', '.join(str(s) for s in spec.get('seeds', sorted({r.seed for r in an.runs})))}; "
         f"backends {', '.join(sorted({r.backend for r in an.runs}))}; {len(an.runs)} of {n_runs} runs finished.",

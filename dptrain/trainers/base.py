@@ -16,11 +16,19 @@ class TrainerError(ValueError):
 
 @dataclass(frozen=True)
 class Batch:
-    """One sampled batch. ``units[i]`` is the privacy unit of row i (clipping is per unit)."""
+    """One sampled batch. ``units[i]`` is the privacy unit of row i (clipping is per unit).
+
+    ``weights`` (default all 1) scale each row's loss: with augmentation multiplicity K a unit's K augmented
+    rows have weight 1/K, so the unit's summed gradient is their mean, clipped once.
+    """
 
     x: np.ndarray
     y: np.ndarray
     units: np.ndarray
+    weights: np.ndarray | None = None
+
+    def row_weights(self) -> np.ndarray:
+        return np.ones(len(self.y), np.float32) if self.weights is None else self.weights.astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -32,6 +40,11 @@ class StepStats:
 
     loss_sum: float
     rows: int
+
+
+def ema_decay_at(decay: float, steps_done: int) -> float:
+    """EMA decay with warm-up: min(decay, (1 + t) / (10 + t)), so early steps are not swamped by the init."""
+    return min(decay, (1.0 + steps_done) / (10.0 + steps_done))
 
 
 class Trainer(Protocol):

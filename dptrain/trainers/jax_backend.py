@@ -45,7 +45,7 @@ from jax.flatten_util import ravel_pytree
 
 from dptrain.config import OptimizerConfig
 from dptrain.trainers import fast_clip
-from dptrain.trainers.base import Batch, StepStats, TrainerError
+from dptrain.trainers.base import Batch, StepStats, TrainerError, ema_decay_at
 from dptrain.trainers.plan import PrivacyPlan
 from dptrain.trainers.sampler import secure_uniform
 
@@ -159,7 +159,8 @@ class JaxTrainer:
         self.steps_done = 0
 
     # ---- setup ----
-    def init(self, model, plan: PrivacyPlan, *, seed: int, dp_seed: int, fix_batchnorm: bool = False) -> None:
+    def init(self, model, plan: PrivacyPlan, *, seed: int, dp_seed: int, fix_batchnorm: bool = False,
+             ema: float | None = None) -> None:
         shape = getattr(model, "input_shape", None)
         if shape is None:
             raise TrainerError("model: the jax backend expects a flax module from dptrain.models.flax_models "
@@ -175,6 +176,8 @@ class JaxTrainer:
                 + (" (fix_batchnorm cannot rewrite a flax module)." if fix_batchnorm else "."))
         self.params = variables.pop("params", {})
         self.others = variables
+        self.ema_decay = ema
+        self.ema = jax.tree.map(jnp.copy, self.params) if ema else None
         o = self.opt_cfg
         self.opt_state = _optimizer(o).init(self.params)
         self.per_unit = plan.privacy_unit != "example"
@@ -194,7 +197,8 @@ class JaxTrainer:
         """Row indices (K, M) into the batch (-1 = padding) and, per unit, chunk-local unit ids."""
         n = len(batch)
         cap = getattr(self.plan.scheme, "max_batch_size", None)
-        if not self.per_unit or self.plan.mode == "non_private":
+        per_unit = self.per_unit or len(np.unique(batch.units)) < n  # e.g. augmentation multiplicity
+        if not per_unit or self.plan.mode == "non_private":
             if cap is not None and n > cap:
                 raise TrainerError(f"batch: {n} rows exceed the plan's max_batch_size {cap}; the sampler truncates "
                                    "to it, so batches must come from the plan's sampler")
@@ -238,8 +242,8 @@ class JaxTrainer:
 
     def dp_step(self, batch: Batch) -> StepStats:
         idx, seg = self._layout(batch)
-        mask = idx >= 0
-        safe = np.where(mask, idx, 0)
+        safe = np.where(idx >= 0, idx, 0)
+        mask = np.where(idx >= 0, batch.row_weights()[safe] if len(batch) else 0.0, 0.0)
         x, y = np.asarray(batch.x), np.asarray(batch.y)
         if len(batch):
             xs, ys = x[safe], y[safe]
@@ -251,7 +255,10 @@ class JaxTrainer:
             self.params, self.others, self.opt_state, jnp.asarray(xs, self.in_dtype), jnp.asarray(ys, jnp.int32),
             jnp.asarray(mask, jnp.float32), None if seg is None else jnp.asarray(seg), key, noise)
         self.steps_done += 1
-        return StepStats(float(loss), len(batch))
+        if self.ema is not None:  # post-processing of the released parameters: no privacy cost
+            d = ema_decay_at(self.ema_decay, self.steps_done)
+            self.ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, self.ema, self.params)
+        return StepStats(float(loss), float(batch.row_weights().sum()))
 
     # ---- inference and state ----
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -261,7 +268,8 @@ class JaxTrainer:
             part = x[start:start + 4096]
             pad = _pow2(len(part)) - len(part)  # few shapes -> few compilations
             padded = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)]) if pad else part
-            out.append(np.asarray(self._predict(self.params, self.others, jnp.asarray(padded, self.in_dtype)))[: len(part)])
+            params = self.params if self.ema is None else self.ema
+            out.append(np.asarray(self._predict(params, self.others, jnp.asarray(padded, self.in_dtype)))[: len(part)])
         if out:
             return np.concatenate(out)
         probe = jax.eval_shape(self._predict, self.params, self.others, jnp.zeros((1, *self.model.input_shape), self.in_dtype))
@@ -286,7 +294,7 @@ class JaxTrainer:
         return {"backend": "jax", "params": self._flat(self.params),
                 "collections": {c: self._flat(v) for c, v in self.others.items()},
                 "optimizer": [_to_torch(v) for v in jax.tree.leaves(self.opt_state)],
-                "steps_done": self.steps_done}
+                "steps_done": self.steps_done, **({"ema": self._flat(self.ema)} if self.ema is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("backend") != "jax":
@@ -300,6 +308,10 @@ class JaxTrainer:
         self.opt_state = jax.tree.unflatten(tree, [_from_torch(t, v) for t, v in
                                                    zip(state["optimizer"], leaves, strict=True)])
         self.steps_done = int(state["steps_done"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise TrainerError("load_state_dict: the checkpoint has no EMA parameters but training.ema is set")
+            self.ema = self._unflat(state["ema"], self.params, "EMA parameters")
 
     def flat_params(self) -> np.ndarray:
         """All trainable parameters, flattened (``jax.flatten_util.ravel_pytree`` order)."""

@@ -22,15 +22,19 @@ Callback = Callable[[int, StepStats, acc.PrivacyLedger], None]
 def run_loop(
     trainer: Trainer, sampler: UnitSampler, plan: PrivacyPlan, ledger: acc.PrivacyLedger,
     x: np.ndarray, y: np.ndarray, units: np.ndarray, *, start_step: int = 0,
-    callbacks: Sequence[Callback] = (),
+    callbacks: Sequence[Callback] = (), augment: Callable[[Batch, int], Batch] | None = None,
 ) -> acc.PrivacyLedger:
-    """Run steps ``start_step .. plan.steps - 1``; callbacks get (steps done, stats, ledger)."""
+    """Run steps ``start_step .. plan.steps - 1``; callbacks get (steps done, stats, ledger).
+
+    ``augment(batch, step)`` may transform the sampled batch (data augmentation, multiplicity); it must keep
+    every row's unit, so clipping still bounds each unit's contribution."""
     if ledger.steps != start_step:
         raise RuntimeError(f"ledger has {ledger.steps} steps but the loop would resume at step {start_step}; "
                            "refusing to lose or double-count privacy spending")
     for step in range(start_step, plan.steps):
         rows = sampler.sample(step)
-        stats = trainer.dp_step(Batch(x[rows], y[rows], units[rows]))
+        batch = Batch(x[rows], y[rows], units[rows])
+        stats = trainer.dp_step(augment(batch, step) if augment is not None else batch)
         ledger.compose(plan.step_event(step))
         for cb in callbacks:
             cb(step + 1, stats, ledger)

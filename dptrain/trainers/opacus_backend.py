@@ -29,7 +29,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from dptrain.config import OptimizerConfig
-from dptrain.trainers.base import Batch, StepStats, TrainerError
+from dptrain.trainers.base import Batch, StepStats, TrainerError, ema_decay_at
 from dptrain.trainers.plan import PrivacyPlan
 
 # Opacus's hooks fire on module outputs when inputs need no grad; harmless and expected here.
@@ -90,10 +90,13 @@ class OpacusTrainer:
         self.steps_done = 0
 
     # ---- setup ----
-    def init(self, model: nn.Module, plan: PrivacyPlan, *, seed: int, dp_seed: int, fix_batchnorm: bool = False):
+    def init(self, model: nn.Module, plan: PrivacyPlan, *, seed: int, dp_seed: int, fix_batchnorm: bool = False,
+             ema: float | None = None):
         model = check_model(model, fix=fix_batchnorm)
         self.plan, self.dp_seed = plan, int(dp_seed)
         self.module = model
+        self.ema_decay = ema
+        self.ema = [p.detach().clone() for p in model.parameters()] if ema else None
         params = [p for p in model.parameters() if p.requires_grad]
         o = self.opt_cfg
         base = (torch.optim.SGD(params, lr=o.lr, momentum=o.momentum) if o.name == "sgd"
@@ -154,21 +157,27 @@ class OpacusTrainer:
         else:
             stats = self._private_step(batch)
         self.steps_done += 1
+        if self.ema is not None:  # post-processing of the released parameters: no privacy cost
+            d = ema_decay_at(self.ema_decay, self.steps_done)
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.module.parameters(), strict=True):
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
         return stats
 
     def _tensors(self, batch: Batch, rows: np.ndarray):
-        return torch.from_numpy(batch.x[rows]).float(), torch.from_numpy(batch.y[rows]).long()
+        return (torch.from_numpy(batch.x[rows]).float(), torch.from_numpy(batch.y[rows]).long(),
+                torch.from_numpy(batch.row_weights()[rows]))
 
     def _plain_step(self, batch: Batch) -> StepStats:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for rows in self._chunks(batch) if len(batch) else []:
-            x, y = self._tensors(batch, rows)
-            loss = nn.functional.cross_entropy(self.model(x), y, reduction="sum")
+            x, y, w = self._tensors(batch, rows)
+            loss = (w * nn.functional.cross_entropy(self.model(x), y, reduction="none")).sum()
             (loss / self.plan.expected_batch_size).backward()
             total += float(loss.detach())
         self.opt.step()
-        return StepStats(total, len(batch))
+        return StepStats(total, float(batch.row_weights().sum()))
 
     def _noise_only_step(self) -> StepStats:
         std = self.plan.noise_multiplier * self.plan.clipping_norm
@@ -179,11 +188,14 @@ class OpacusTrainer:
         return StepStats(0.0, 0)
 
     def _private_step(self, batch: Batch) -> StepStats:
+        if self.mode == "ghost" and len(np.unique(batch.units)) < len(batch):
+            raise TrainerError("trainer.grad_sample_mode: ghost clipping clips each row, but this batch has several "
+                               "rows per unit (augmentation multiplicity or patients); use grad_sample_mode: hooks")
         chunks = self._chunks(batch)
         total = 0.0
         for i, rows in enumerate(chunks):
-            x, y = self._tensors(batch, rows)
-            per_row = nn.functional.cross_entropy(self.model(x), y, reduction="none")
+            x, y, w = self._tensors(batch, rows)
+            per_row = w * nn.functional.cross_entropy(self.model(x), y, reduction="none")
             if self.mode == "ghost":
                 per_row.sum().backward(retain_graph=True)
                 coeff = self.model.get_clipping_coef()
@@ -199,7 +211,7 @@ class OpacusTrainer:
                 self.opt.signal_skip_step(do_skip=True)
             self.opt.step()
             self.opt.zero_grad()
-        return StepStats(total, len(batch))
+        return StepStats(total, float(batch.row_weights().sum()))
 
     def _sum_per_unit(self, units: np.ndarray) -> None:
         """Replace per-row gradients by per-unit sums, so clipping bounds each unit's whole contribution."""
@@ -214,21 +226,39 @@ class OpacusTrainer:
     # ---- inference and state ----
     @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities; with ``ema`` the moving-average parameters are used."""
         self.module.train(False)
-        out = []
-        for start in range(0, len(x), 4096):
-            logits = self.module(torch.from_numpy(np.asarray(x[start:start + 4096])).float())
-            out.append(torch.softmax(logits, dim=-1).numpy())
+        params = list(self.module.parameters())
+        saved = [p.detach().clone() for p in params] if self.ema is not None else None
+        if saved is not None:
+            for p, e in zip(params, self.ema, strict=True):
+                p.copy_(e)
+        try:
+            out = []
+            for start in range(0, len(x), 1024):
+                logits = self.module(torch.from_numpy(np.asarray(x[start:start + 1024])).float())
+                out.append(torch.softmax(logits, dim=-1).numpy())
+        finally:
+            if saved is not None:
+                for p, v in zip(params, saved, strict=True):
+                    p.copy_(v)
         return np.concatenate(out) if out else np.zeros((0, 2))
 
     def state_dict(self) -> dict:
-        return {"model": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
-                "optimizer": copy.deepcopy(self.base_opt.state_dict()), "steps_done": self.steps_done}
+        out = {"model": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
+               "optimizer": copy.deepcopy(self.base_opt.state_dict()), "steps_done": self.steps_done}
+        if self.ema is not None:
+            out["ema"] = [e.clone() for e in self.ema]
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
         self.base_opt.load_state_dict(state["optimizer"])
         self.steps_done = int(state["steps_done"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise TrainerError("load_state_dict: the checkpoint has no EMA parameters but training.ema is set")
+            self.ema = [e.clone() for e in state["ema"]]
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for p in self.module.parameters() if p.requires_grad]
