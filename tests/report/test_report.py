@@ -48,7 +48,7 @@ def _eligible(frame, col, min_size=30):
 
 def test_summary_has_one_row_per_run_with_required_columns(sweep_dir, summary):
     assert list(summary.columns[:6]) == REQUIRED
-    assert len(summary) == 12 and set(summary.status) == {"finished"}
+    assert len(summary) == 6 and set(summary.status) == {"finished"}
     for row in summary.itertuples():
         p = _preds(sweep_dir, row.run)
         assert row.auroc == pytest.approx(roc_auc_score(p.y_true, p.score), abs=1e-12)
@@ -134,9 +134,23 @@ def test_selection_cost_is_stated_and_correct(sweep_dir, an, summary):
         assert s["composition_epsilon"] > runs.epsilon_spent.max()
     assert math.isfinite(an.selection["opacus"]["repeat_and_select_epsilon"])
     assert an.selection["opacus"]["repeat_and_select_epsilon"] > 4
-    assert "truncated Poisson" in an.selection["jax"]["repeat_and_select_note"]
     md = (sweep_dir / "report.md").read_text()
     assert "RepeatAndSelect (Papernot & Steinke 2022, RDP)" in md and "private runs composed" in md
+
+
+def test_repeat_and_select_refused_for_truncated_poisson_runs():
+    """The JAX backend's truncated-Poisson events are PLD-only: RepeatAndSelect (RDP) is not available."""
+    from types import SimpleNamespace
+
+    from dptrain.report.analysis import _repeat_and_select
+
+    scheme = acc.TruncatedPoissonSampling.with_headroom(256, 1604)
+    led = acc.PrivacyLedger()
+    led.compose(scheme.step_event(1.5), 10)
+    run = SimpleNamespace(record={"privacy": {"sampling": scheme.name, "sampling_rate": scheme.sampling_rate,
+                                              "steps": 10, "noise_multiplier": 1.5}})
+    out = _repeat_and_select([run, run], [led, led], 1e-5)
+    assert math.isnan(out["repeat_and_select_epsilon"]) and "truncated Poisson" in out["repeat_and_select_note"]
 
 
 def test_groups_below_min_size_are_flagged_not_hidden(an):
