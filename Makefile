@@ -32,7 +32,7 @@ browser:
 	  echo "note: chromium could not be installed; the report browser test will be skipped"
 
 # The accountant, then a privacy-utility-fairness sweep of ACTG175 with both backends and a 500-canary audit in
-# every run (about 4 min on 2 cores).
+# every run (measured: 1 min 46 s on 2 cores).
 # Threshold 0.25: a screening rule fixed in advance (flag a patient whose predicted risk exceeds 25%).
 demo: install
 	$(VENV)/bin/dptrain privacy epsilon --sampling-rate 0.0042666667 --noise-multiplier 1.12 --steps 14040 --delta 1e-5

@@ -165,10 +165,10 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
         if planned > plan.target_epsilon:  # calibration guarantees this never happens; check anyway
             raise RunError(f"plan: planned epsilon {planned:.4g} exceeds target {plan.target_epsilon}; refusing")
     if n_canaries:
-        from dptrain.audit.bounds import _auditing
+        from dptrain.audit.bounds import require_jax_privacy
 
         try:
-            _auditing()
+            require_jax_privacy()
         except ImportError as err:
             raise RunError(f"privacy.audit.canaries: {err}; or set privacy.audit.canaries=0") from None
     config_text = dump_recipe(recipe)

@@ -64,6 +64,11 @@ _TWO_SIDED_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5)
 _ONE_SIDED_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
+def require_jax_privacy() -> None:
+    """Raise ImportError (with the install command) if the bound's implementation is missing."""
+    _auditing()
+
+
 def _auditing():
     try:
         from jax_privacy import auditing

@@ -39,10 +39,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 
 from dptrain.evaluate.metrics import (
     DEFAULT_N_BINS,
-    _as_labels,
-    _as_probabilities,
-    _check_binary_labels,
-    _check_same_length,
+    binary_inputs,
     expected_calibration_error,
 )
 
@@ -162,16 +159,7 @@ def _check_threshold(threshold) -> float:
 
 
 def _check_inputs(y, score) -> tuple[np.ndarray, np.ndarray]:
-    y = _as_labels(y, "y")
-    _check_binary_labels(y, "y")
-    s = _as_probabilities(score, "score")
-    if s.ndim != 1:
-        raise ValueError(
-            f"score: expected shape (n,) with P(y=1), got shape {s.shape}; "
-            f"fix: pass probs[:, 1] for two-column class probabilities"
-        )
-    _check_same_length(y, s, "score")
-    return y, s
+    return binary_inputs(y, score, "y", "score")
 
 
 def _check_weights(weights, n: int) -> np.ndarray:

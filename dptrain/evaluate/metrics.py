@@ -137,6 +137,20 @@ def _binned_calibration_error(correct: np.ndarray, confidence: np.ndarray, n_bin
     return float(np.sum(counts[filled] / confidence.shape[0] * gaps))
 
 
+def binary_inputs(y_true, prob_pos, y_name: str, p_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validated 0/1 labels and positive-class probabilities of shape (n,); errors name the arguments."""
+    y = _as_labels(y_true, y_name)
+    _check_binary_labels(y, y_name)
+    p = _as_probabilities(prob_pos, p_name)
+    if p.ndim != 1:
+        raise ValueError(
+            f"{p_name}: expected shape (n,) with the positive-class probability, got shape {p.shape}; "
+            f"fix: pass probs[:, 1] for two-column class probabilities"
+        )
+    _check_same_length(y, p, p_name)
+    return y, p
+
+
 def expected_calibration_error(y_true, prob_pos, n_bins: int = DEFAULT_N_BINS) -> float:
     """Expected calibration error of binary positive-class probabilities.
 
@@ -153,15 +167,7 @@ def expected_calibration_error(y_true, prob_pos, n_bins: int = DEFAULT_N_BINS) -
             ``n_bins``.
     """
     n_bins = _check_n_bins(n_bins)
-    y = _as_labels(y_true)
-    _check_binary_labels(y)
-    p = _as_probabilities(prob_pos, "prob_pos")
-    if p.ndim != 1:
-        raise ValueError(
-            f"prob_pos: expected shape (n,) with the positive-class probability, got shape {p.shape}; "
-            f"fix: pass probs[:, 1] for two-column class probabilities"
-        )
-    _check_same_length(y, p, "prob_pos")
+    y, p = binary_inputs(y_true, prob_pos, "y_true", "prob_pos")
     return _binned_calibration_error(y, p, n_bins)
 
 

@@ -159,8 +159,7 @@ class Analysis:
             row["threshold"] = self.threshold
             rows.append(row)
         for m in self.missing:
-            point = next((p for p in self.spec.get("points", []) if p == m["name"]), m["name"])
-            backend, rest = point.split("-eps", 1)
+            backend, rest = m["name"].split("-eps", 1)
             eps, seed = rest.rsplit("-seed", 1)
             rows.append({"run": m["name"], "epsilon": eps, "seed": int(seed), "backend": backend,
                          "status": m["status"], "error": m["error"]})

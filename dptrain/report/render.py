@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -125,8 +126,6 @@ def _tables(an: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]]:
 
 
 def _audit_file(r) -> dict[str, Any]:
-    import json
-
     p = r.dir / "audit.json"
     return json.loads(p.read_text()) if p.exists() else {}
 
@@ -154,7 +153,8 @@ def _selection_lines(an: Analysis) -> list[str]:
         comp = s.get("composition_epsilon", math.nan)
         lines.append(
             f"  - all {s['n_private_runs']} private runs composed: epsilon = {_f(comp, 4)} at delta = {s['delta']:g} "
-            f"({s.get('composition_accountant', 'n/a')}); valid for any selection rule and a fixed grid."
+            f"({s.get('composition_accountant', 'n/a')}, upper bound on a 1e-3 grid); valid for any selection rule and a "
+            "fixed grid."
             + (f" {s['composition_note']}" if "composition_note" in s else ""))
         rs = s.get("repeat_and_select_epsilon", math.nan)
         if math.isfinite(rs):

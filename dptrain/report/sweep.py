@@ -22,6 +22,7 @@ Guarantees and sharp edges:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -98,11 +99,10 @@ def plan_points(recipe: Recipe, epsilons: Sequence[float], seeds: int,
     for eps in epsilons:
         for i in range(seeds):
             for b in backends:
-                tree = json.loads(json.dumps(base, default=str))
+                tree = copy.deepcopy(base)
                 tree["privacy"]["epsilon"] = eps
                 tree["trainer"]["backend"] = b
                 tree["seed"] = recipe.seed + i
-                tree["name"] = f"{recipe.name}"
                 try:
                     r = parse_recipe(tree)
                 except RecipeError as err:
@@ -127,8 +127,8 @@ def _spec(recipe: Recipe, points: list[tuple[SweepPoint, Recipe]], threshold: fl
 
 def _limit_threads(threads: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-                          if threads == 1 else "")
+    if threads == 1:
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     try:
         import torch
 

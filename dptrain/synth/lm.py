@@ -76,8 +76,9 @@ def load_causal_lm(source: str):
         raise ValueError(f"model.source: unknown built-in {source!r}; use builtin:{SMOLLM2}, a local model "
                          "directory or a Hugging Face hub id")
     tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source)
-    return model.eval(), tok
+    model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)  # never unpickle weights
+    model.train(False)  # inference mode until an adapter is trained
+    return model, tok
 
 
 def add_lora(model, *, r: int = 8, alpha: int = 16, target_modules=("q_proj", "v_proj")):
