@@ -28,11 +28,11 @@ from .events import RELATIONS, PoissonSampling, SamplingScheme, TruncatedPoisson
 _SIGMA_MIN, _SIGMA_MAX = 1e-2, 1e4
 
 
-def _eps_fn(scheme: SamplingScheme, steps: int, delta: float, accountant: str):
+def _eps_fn(scheme: SamplingScheme, steps: int, delta: float, accountant: str, extra=()):
     relation = RELATIONS[scheme.relation]
 
     def eps(sigma: float, discretization: float = _acc.DEFAULT_PLD_DISCRETIZATION) -> float:
-        return _acc.epsilon_of(run_events(scheme, sigma, steps), delta, accountant, relation,
+        return _acc.epsilon_of([*extra, *run_events(scheme, sigma, steps)], delta, accountant, relation,
                                pld_discretization=discretization)
 
     return eps
@@ -56,7 +56,7 @@ def _initial_guess(scheme: SamplingScheme, steps: int, epsilon: float, delta: fl
 _PROXY_ORDERS = np.concatenate([np.arange(2, 65), [80, 128, 256, 512]]).astype(float)
 
 
-def _proxy(scheme: SamplingScheme, steps: int, delta: float):
+def _proxy(scheme: SamplingScheme, steps: int, delta: float, extra=()):
     """A fast, smooth stand-in for epsilon(sigma): RDP over a short list of orders (~30 ms).
 
     Only used to steer the search; every returned value is verified with the real accountant.
@@ -67,7 +67,7 @@ def _proxy(scheme: SamplingScheme, steps: int, delta: float):
 
     def eps(sigma: float) -> float:
         acc = rdp.RdpAccountant(_PROXY_ORDERS, relation)
-        for event, count in run_events(scheme, sigma, steps):
+        for event, count in [*extra, *run_events(scheme, sigma, steps)]:
             acc.compose(event, count)
         return float(acc.get_epsilon(delta))
 
@@ -98,20 +98,28 @@ def _proxy(scheme: SamplingScheme, steps: int, delta: float):
 
 def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, scheme: SamplingScheme, steps: int, *, accountant: str = "pld",
-    pld_discretization: float = _acc.DEFAULT_PLD_DISCRETIZATION,
+    pld_discretization: float = _acc.DEFAULT_PLD_DISCRETIZATION, extra_events=(),
 ) -> float:
     """Noise multiplier within 0.35% of the smallest whose ``steps``-step run meets ``target_epsilon``.
 
     The result is verified with ``accountant`` at ``pld_discretization`` (the ledger's defaults), so a
-    ledger composing this run reports ``epsilon <= target_epsilon``.
+    ledger composing this run reports ``epsilon <= target_epsilon``. ``extra_events``: (event, count)
+    pairs released on the same data besides training (e.g. a DP label histogram); the target then covers
+    them and the run together.
     """
     target = check_epsilon(target_epsilon, "target_epsilon")
     check_delta(delta)
     steps = check_positive_int(steps, "steps")
     if accountant not in _acc.ACCOUNTANTS:
         raise InvalidParameterError("accountant", accountant, "'pld' or 'rdp'")
-    eps = _eps_fn(scheme, steps, delta, accountant)
-    proxy, solve = _proxy(scheme, steps, delta)
+    extra = list(extra_events)
+    if extra and _acc.epsilon_of(extra, delta, accountant, RELATIONS[scheme.relation],
+                                 pld_discretization=pld_discretization) >= target:
+        raise UnreachableTargetError(
+            f"target_epsilon: the other releases (extra_events) alone spend the whole target {target:g}; "
+            "raise the target or give them more noise")
+    eps = _eps_fn(scheme, steps, delta, accountant, extra)
+    proxy, solve = _proxy(scheme, steps, delta, extra)
     fine = pld_discretization
 
     def slope(sig: float) -> float:

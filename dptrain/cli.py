@@ -113,6 +113,31 @@ def _cmd_train(args) -> int:
     return _print_audit(json.loads((result.out_dir / "audit.json").read_text()), result.out_dir)
 
 
+def _cmd_synth(args) -> int:
+    from dptrain.config import load_recipe
+    from dptrain.synth.pipeline import synthesize
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = args.out or f"runs/{recipe.name}"
+    rec = synthesize(recipe, out, resume=args.resume, progress=not args.quiet).record
+    p, ev = rec["privacy"], rec["evaluation"]
+    fmt = lambda v: "n/a" if v is None else (v if isinstance(v, str) else f"{v:.4g}")  # noqa: E731
+    print(f"run directory: {out} (synthetic.jsonl, DATACARD.md, record.json)")
+    if "warning" in p:
+        print(f"WARNING: {p['warning']}")
+    print(f"privacy: ({fmt(p['epsilon'])}, {p['delta']:g})-DP per record [{p['accountant']}; {p['steps']} DP-SGD "
+          f"steps, sigma={p['noise_multiplier']:.4g}, q={p['sampling_rate']:.4g}, C={p['clipping_norm']}"
+          + ("; + DP label histogram" if rec["label_counts"]["mode"] == "dp_histogram" else "") + "]")
+    print(f"generated {sum(rec['label_counts']['generated'].values())} records: {rec['label_counts']['generated']}")
+    ds = ev["downstream"]
+    print("downstream accuracy / AUROC on real held-out: "
+          + ", ".join(f"{k} {fmt(v['accuracy'])} / {fmt(v['auroc'])}" for k, v in ds.items() if isinstance(v, dict)))
+    if "canaries" in ev:
+        print("canary exposure (bits): " + ", ".join(f"{r}x {v['mean_exposure_bits']:.2f}"
+                                                     for r, v in ev["canaries"]["by_repetitions"].items()))
+    return 0
+
+
 def _print_audit(a: dict, out) -> int:
     """Print an audit; returns 3 on a violation (loud), else 0."""
     fmt = lambda v: "n/a" if v is None else (v if isinstance(v, str) else f"{v:.4f}")  # noqa: E731
@@ -220,13 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model with DP from a YAML recipe and write a run directory "
                                    "(config.yaml, ledger.json, metrics.jsonl, checkpoint, predictions.parquet, "
                                    "record.json).")
-    t.add_argument("recipe", help="path to a recipe, e.g. recipes/actg175-mlp.yaml")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set privacy.epsilon=2 (repeatable)")
-    t.add_argument("--out", help="run directory (default runs/<recipe name>)")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _run_options(t, "recipes/actg175-mlp.yaml", "privacy.epsilon=2")
     t.set_defaults(func=_cmd_train)
+
+    sy = sub.add_parser("synth", help="DP fine-tune a language model and release synthetic text",
+                        description="Fine-tune LoRA adapters of a causal LM with DP on labelled texts, generate "
+                                    "label-conditioned synthetic records and evaluate them; writes synthetic.jsonl, "
+                                    "DATACARD.md and record.json.",
+                        epilog="example:\n  dptrain synth recipes/iu-xray-reports-synth.yaml --set privacy.epsilon=4",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_options(sy, "recipes/iu-xray-reports-synth.yaml", "synthesis.records=500")
+    sy.set_defaults(func=_cmd_synth)
 
     au = sub.add_parser("audit", help="empirical privacy audit of a finished run (canaries + membership inference)",
                         description="Recompute the run's audit from its checkpoint and canaries; write audit.json. "
@@ -263,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=_cmd_datasets)
     return p
+
+
+def _run_options(p: argparse.ArgumentParser, example_recipe: str, example_set: str) -> None:
+    p.add_argument("recipe", help=f"path to a recipe, e.g. {example_recipe}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a recipe field, e.g. --set {example_set} (repeatable)")
+    p.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _report_options(p: argparse.ArgumentParser, threshold_default: float | None) -> None:

@@ -51,6 +51,8 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.25, gt=0, lt=1)
     image: ImageConfig | None = Field(None, description="set for image data: a manifest CSV, a MedMNIST .npz, "
                                                         "or a built-in image dataset")
+    text: str | None = Field(None, description="text data (dptrain synth): the text column of a CSV / JSONL file "
+                                               "(default 'text')")
 
     @field_validator("numeric")
     @classmethod
@@ -64,8 +66,21 @@ class DataConfig(_Strict):
         return v
 
 
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1, le=256, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    top_layers: int | None = Field(None, ge=1, description="adapters only in the last K decoder layers (null: all)")
+    cache_frozen_layers: bool = Field(True, description="with top_layers: run the frozen layers below once per "
+                                                        "record and cache them (exact; Llama-style decoders)")
+
+
 class ModelConfig(_Strict):
-    name: Literal["mlp", "logistic", "cnn"] = "mlp"
+    name: Literal["mlp", "logistic", "cnn", "causal_lm"] = "mlp"
+    source: str | None = Field(None, description="causal_lm: builtin:smollm2-135m, a local model directory or a "
+                                                 "Hugging Face hub id")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="causal_lm: LoRA adapters (only they train)")
+    max_length: int = Field(128, ge=8, le=4096, description="causal_lm: tokens per record incl. the prompt")
     hidden: list[int] = Field(default_factory=lambda: [64, 64])
     activation: Literal["relu", "tanh", "gelu"] = "tanh"
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64], description="cnn: channels per conv layer")
@@ -81,6 +96,8 @@ class TrainerConfig(_Strict):
     clipping: Literal["auto", "vmap"] = Field(
         "auto", description="jax: fast per-layer clipping where possible (auto) or vmap per-example gradients")
     max_physical_batch_size: int = Field(1024, ge=1, description="split larger logical batches into virtual steps")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="opacus: where to train (auto: the CUDA GPU if torch sees one); jax picks its own")
 
 
 class AuditConfig(_Strict):
@@ -148,6 +165,50 @@ class TrainingConfig(_Strict):
         return self
 
 
+class GenerationConfig(_Strict):
+    top_k: int = Field(50, ge=0, description="sample from the k most likely tokens (0: off)")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+class SynthEvaluationConfig(_Strict):
+    canaries: int = Field(2, ge=0, description="secret canary sentences per repetition count (0: no exposure test)")
+    canary_repetitions: list[int] = Field(default_factory=lambda: [1, 10], description="each canary is inserted "
+                                          "this many times into training (Carlini et al. 2019)")
+    canary_references: int = Field(2000, ge=10, description="random candidates an exposure is estimated from")
+    fidelity_records: int = Field(300, ge=10, description="real held-out records for fidelity (MiniLM embeddings)")
+    ngram: int = Field(8, ge=2, description="memorisation: word n-gram length shared with a training record")
+    dp_baseline: bool = Field(True, description="also train the downstream classifier on real data with DP")
+
+
+class SynthesisConfig(_Strict):
+    prompt: str = Field("Chest X-ray report ({label}):", description="public template; {label} is the class name")
+    records: int = Field(200, ge=1, description="synthetic records to generate")
+    label_counts: Literal["dp_histogram", "prior"] = Field(
+        "dp_histogram", description="records per label from a DP histogram (accounted) or a declared public prior")
+    prior: list[float] | None = Field(None, description="label_counts: prior -- public class weights, one per class")
+    histogram_noise_multiplier: float = Field(20.0, gt=0, description="std of the histogram noise (sensitivity 1)")
+    max_train_records: int | None = Field(None, ge=1, description="train on a seeded random subset of this size "
+                                                                  "(public choice; the guarantee is per record)")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    evaluation: SynthEvaluationConfig = Field(default_factory=SynthEvaluationConfig)
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if "{label}" not in self.prompt:
+            raise ValueError(f"synthesis.prompt must contain {{label}} (labels condition generation), got {self.prompt!r}")
+        if self.label_counts == "prior" and not self.prior:
+            raise ValueError("synthesis.label_counts: prior needs synthesis.prior (public class weights, e.g. [0.4, 0.6])")
+        if self.prior is not None and (any(not (w >= 0) for w in self.prior) or sum(self.prior) <= 0):
+            raise ValueError(f"synthesis.prior must be weights >= 0 with a positive sum, got {self.prior}")
+        if any(r < 1 for r in self.evaluation.canary_repetitions):
+            raise ValueError("synthesis.evaluation.canary_repetitions must be >= 1")
+        return self
+
+
 class Recipe(_Strict):
     name: str = "run"
     data: DataConfig
@@ -156,7 +217,21 @@ class Recipe(_Strict):
     privacy: PrivacyConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    synthesis: SynthesisConfig | None = Field(None, description="dptrain synth: DP synthetic text from a causal LM")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _synth(self):
+        lm = self.model.name == "causal_lm"
+        if lm and self.synthesis is None:
+            raise ValueError("model.name: causal_lm needs a synthesis section (see recipes/iu-xray-reports-synth.yaml)")
+        if self.synthesis is not None and not lm:
+            raise ValueError("synthesis: needs model.name: causal_lm and model.source")
+        if lm and not self.model.source:
+            raise ValueError("model.source: required for causal_lm (e.g. builtin:smollm2-135m)")
+        if lm and self.trainer.backend != "opacus":
+            raise ValueError("trainer.backend: causal LM fine-tuning runs on the opacus backend; set backend: opacus")
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str) -> None:

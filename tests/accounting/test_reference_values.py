@@ -21,6 +21,7 @@ from accounting import (
     PrivacyLedger,
     ShuffledEpochs,
     TruncatedPoissonSampling,
+    UnreachableTargetError,
     UnsupportedAccountantError,
     calibrate_noise_multiplier,
     calibrate_steps,
@@ -471,3 +472,22 @@ def test_coarse_pld_discretisation_is_conservative(scheme, sigma, steps):
     fine = ledger_for(scheme, sigma, steps, pld_discretization=1e-4).epsilon(DELTA)
     coarse = ledger_for(scheme, sigma, steps, pld_discretization=1e-2).epsilon(DELTA)
     assert coarse >= fine
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_calibration_with_extra_release_covers_both(accountant):
+    """A DP histogram released before training: the target covers histogram + run, and stays tight."""
+    scheme, steps, target, delta = PoissonSampling(0.03), 60, 4.0, 1e-5
+    hist = gaussian_release_event(10.0, histogram_sensitivity("add_or_remove"))
+    sigma = calibrate_noise_multiplier(target, delta, scheme, steps, accountant=accountant, extra_events=[(hist, 1)])
+    alone = calibrate_noise_multiplier(target, delta, scheme, steps, accountant=accountant)
+    assert sigma > alone  # the histogram's share must be paid for with more noise
+
+    def eps(s):
+        led = ledger_for(scheme, s, steps, accountant=accountant)
+        led.compose(hist, label="label_histogram")
+        return led.epsilon(delta)
+
+    assert eps(sigma) <= target < eps(sigma / 1.005)
+    with pytest.raises(UnreachableTargetError, match="extra_events"):
+        calibrate_noise_multiplier(0.01, delta, scheme, steps, accountant=accountant, extra_events=[(hist, 1)])

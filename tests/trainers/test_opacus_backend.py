@@ -76,3 +76,16 @@ def test_secure_rng_trainer_runs(data=None):
     rows = np.arange(32)
     tr.dp_step(Batch(x[rows], y[rows], rows))
     assert not np.allclose(a, OpacusContract().params(tr))
+
+
+def test_device_choice_is_explicit():
+    import torch
+
+    from dptrain.trainers.base import TrainerError
+    from dptrain.trainers.opacus_backend import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainerError, match="trainer.device: cuda"):
+            resolve_device("cuda")

@@ -1,0 +1,111 @@
+"""DATACARD.md for a synthetic dataset: source, privacy statement, model, generation, evaluation.
+
+Rendered from the run's record only (every number in the card is in record.json), so the card and the
+record cannot disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _downstream_rows(ds: dict[str, Any]) -> list[str]:
+    names = {"synthetic": "trained on synthetic", "real_non_private": "trained on real (non-private)",
+             "real_dp": "trained on real with DP (same epsilon)"}
+    rows = ["| classifier training data | accuracy | AUROC | training records |", "|---|---|---|---|"]
+    for key, name in names.items():
+        m = ds.get(key)
+        if m:
+            rows.append(f"| {name} | {_f(m.get('accuracy'))} | {_f(m.get('auroc'))} | {_f(m.get('n_train', '-'))} |")
+    return rows
+
+
+def render_datacard(record: dict[str, Any]) -> str:
+    p, d, ev = record["privacy"], record["data"], record["evaluation"]
+    m, g, lc = record["model"], record["generation"], record["label_counts"]
+    eps = p["epsilon"]
+    warning = p.get("warning")
+    lines = [f"# Datacard: DP synthetic text `{record['recipe']}`", ""]
+    if warning:
+        lines += [f"> **{warning}**", ""]
+    lines += [
+        "## What this is",
+        f"{sum(lc['generated'].values())} synthetic records (`synthetic.jsonl`: one JSON object per line with "
+        f"`text` and `label`) sampled from `{m['source']}` fine-tuned with LoRA adapters under differential "
+        f"privacy on `{d['source']}`.", "",
+        "## Privacy statement",
+        f"- **({_f(eps, 4) if eps != 'inf' else 'inf'}, {p['delta']:g})-DP** per {d['privacy_unit']} "
+        f"({p['neighbouring_relation'].replace('_', '-')} neighbouring relation), accountant {p['accountant']} "
+        f"({p['accountant_version']}).",
+        f"- Covers: {p['covers']}.",
+        f"- Mechanisms composed in one ledger (`ledger.json`): {p['steps']} DP-SGD steps ({p['sampling']} sampling, "
+        f"q={_f(p['sampling_rate'], 5)}, noise multiplier {_f(p['noise_multiplier'], 4)}, per-record clipping "
+        f"norm {p['clipping_norm']})"
+        + ("" if lc["mode"] != "dp_histogram" else
+           f" and a Gaussian label histogram (noise std {_f(p['releases']['label_histogram']['noise_std'], 2)})")
+        + ".",
+        "- Records per label: " + ("noisy DP histogram (post-processed: negative counts -> 0, largest remainder)"
+                                   if lc["mode"] == "dp_histogram" else f"declared public prior {lc['prior']}")
+        + f"; generated: {lc['generated']}.",
+        "- Public (not protected, not private): the base model, the tokenizer, the prompt template and label "
+        "names, the recipe (hyperparameters chosen without looking at this data's results is the user's duty: "
+        "hyperparameter search on the private data costs extra privacy, see `dptrain sweep`).",
+        f"- Training used {d['n_train_used']} of {d['n_train_available']} training records (a seeded random "
+        f"subset, a public choice) plus {d['canary_rows']} canary rows (synthetic secrets for the exposure test); "
+        f"{d['num_units']} privacy units in all.",
+        "- Sharp edge: a person with several reports is protected per report, not per person (the source has "
+        "no patient ids).", "",
+        "## Model and generation",
+        f"- Base model `{m['source']}`; LoRA r={m['lora']['r']}, alpha={m['lora']['alpha']}, modules "
+        f"{m['lora']['target_modules']}, layers: {'all' if m['lora']['top_layers'] is None else 'last ' + str(m['lora']['top_layers'])}; "
+        f"{m['trainable_parameters']:,} trainable parameters; max {m['max_length']} tokens per record "
+        "(prompt + text); prefix-LM loss (no loss on the prompt).",
+        f"- Sampling: top-k {g['top_k']}, top-p {g['top_p']}, temperature {g['temperature']}, max "
+        f"{g['max_new_tokens']} new tokens, seed {g['seed']}.", "",
+        "## Evaluation (on real held-out records: these numbers are NOT covered by the DP guarantee)",
+        "### Downstream utility (train on X, test on real held-out)",
+        *_downstream_rows(ev["downstream"]),
+        "", f"Classifier: {ev['downstream']['classifier']}.", "",
+        "### Fidelity",
+    ]
+    pr = ev["fidelity"]["knn_precision_recall_minilm"]
+    if "skipped" in pr:
+        lines.append(f"- kNN precision/recall skipped: {pr['skipped']}")
+    else:
+        lines.append(f"- kNN precision {_f(pr['precision'])} / recall {_f(pr['recall'])} (k={pr['k']}, "
+                     f"all-MiniLM-L6-v2 embeddings, {pr['n_synth']} synthetic vs {pr['n_real']} real held-out).")
+    s, r, dist = ev["fidelity"]["synthetic"], ev["fidelity"]["real_heldout"], ev["fidelity"]["distances"]
+    lines += [
+        "| corpus | mean words | median words | distinct-1 | distinct-2 | vocabulary |", "|---|---|---|---|---|---|",
+        *[f"| {n} | {_f(c['mean_words'], 1)} | {_f(c['median_words'], 1)} | {_f(c['distinct_1'])} | "
+          f"{_f(c['distinct_2'])} | {c['vocab_size']} |" for n, c in (("synthetic", s), ("real held-out", r))],
+        f"- Length KS statistic {_f(dist['ks_length'])}; unigram Jensen-Shannon distance {_f(dist['js_unigram'])}.",
+        f"- Held-out NLL per token under the fine-tuned model: {_f(ev['heldout_nll_per_token'])} nats"
+        + (f" (base model: {_f(ev['heldout_nll_per_token_base'])})" if "heldout_nll_per_token_base" in ev else "")
+        + ".", "",
+        "### Memorisation",
+    ]
+    ng = ev["memorisation"]["ngram_overlap"]
+    lines.append(f"- Synthetic records sharing a {ng['n']}-word sequence with a training record: "
+                 f"{_f(ng['train_overlap'])}; with an equally large held-out set: {_f(ng['heldout_overlap'])} "
+                 "(reports share boilerplate; the excess over held-out is the memorisation signal).")
+    if "canaries" in ev:
+        c = ev["canaries"]
+        for rep, v in c["by_repetitions"].items():
+            lines.append(f"- Canaries inserted {rep}x: mean exposure {_f(v['mean_exposure_bits'], 2)} bits "
+                         f"(n={v['n']}; chance ~1 bit, max measurable {_f(c['max_measurable_bits'], 1)}).")
+        lines.append(f"- A canary secret appears in the synthetic data: {'YES' if c['secret_in_synthetic'] else 'no'}.")
+    t = record["timing_seconds"]
+    lines += ["", "## Provenance",
+              f"- Training {t['training_this_session']} s, generation {t['generation']} s, evaluation "
+              f"{t['evaluation']} s (this session). Software: {record['versions']}.",
+              "- Files: `synthetic.jsonl`, `record.json` (all numbers above), `ledger.json`, `config.yaml`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""`dptrain synth` end to end on the tiny random Llama: files, one ledger for histogram + training, adapters-only
+checkpoints, the LM task through THE loop, resume without re-spending, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import accounting as acc
+from dptrain.config import RecipeError, parse_recipe
+from dptrain.synth.lm import PrefixLMTask, add_lora, encode_records, load_causal_lm, per_example_lm_loss
+
+NORMAL = ["heart size is normal lungs clear", "lungs clear heart size is normal", "no effusion lungs clear",
+          "heart size is normal no effusion"]
+ABNORMAL = ["small left effusion", "left effusion heart size is normal", "small effusion lungs clear",
+            "small left effusion no"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    rows = [{"text": str(rng.choice(NORMAL if k else ABNORMAL)), "label": "normal" if k else "abnormal"}
+            for k in rng.integers(0, 2, 160)]
+    path = tmp_path_factory.mktemp("texts") / "reports.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def _recipe(tiny, corpus, **over):
+    tree = {
+        "name": "tiny-synth",
+        "data": {"source": str(corpus), "positive_label": "abnormal", "test_fraction": 0.25},
+        "model": {"name": "causal_lm", "source": str(tiny), "max_length": 32,
+                  "lora": {"r": 2, "alpha": 4, "top_layers": 1}},
+        "trainer": {"backend": "opacus"},
+        "privacy": {"epsilon": 8.0, "clipping_norm": 1.0},
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "training": {"epochs": 2, "batch_size": 16},
+        "synthesis": {"prompt": "report ({label}):", "records": 12, "histogram_noise_multiplier": 5.0,
+                      "generation": {"max_new_tokens": 6, "batch_size": 8},
+                      "evaluation": {"canaries": 1, "canary_repetitions": [1, 3], "canary_references": 40,
+                                     "fidelity_records": 20}},
+        "seed": 0,
+    }
+    for key, value in over.items():
+        node = tree
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return parse_recipe(tree)
+
+
+def test_task_cached_and_uncached_losses_equal_the_full_model(tiny):
+    torch.manual_seed(0)
+    model, tok = load_causal_lm(str(tiny))
+    lora = add_lora(model, r=2, top_layers=1)
+    x, y = encode_records(tok, ["report (normal):", "report (abnormal):", "report (normal):"],
+                          ["heart size is normal", "small left effusion lungs clear", "no"], max_length=16)
+    with torch.no_grad():
+        full = per_example_lm_loss(lora(input_ids=torch.from_numpy(x[:, 0]), attention_mask=torch.from_numpy(x[:, 1]))
+                                   .logits, torch.from_numpy(y))
+        rows = np.array([[2], [0]])  # any subset, in any order
+        for task in (PrefixLMTask(lora, x), PrefixLMTask(lora, x, cache_below=1)):
+            xt, yt = task.tensors(rows, y[rows[:, 0]])
+            assert xt[1].shape[1] == x[rows[:, 0], 1].sum(1).max()  # trimmed to the longest row of the batch
+            torch.testing.assert_close(task.per_row_loss(lora, xt, yt), full[rows[:, 0]], rtol=1e-5, atol=1e-5)
+
+
+def test_synth_end_to_end(tiny, corpus, tmp_path):
+    from dptrain.synth.pipeline import synthesize
+
+    torch.set_num_threads(1)
+    recipe = _recipe(tiny, corpus)
+    out = tmp_path / "run"
+    rec = synthesize(recipe, out, progress=False).record
+    for f in ("synthetic.jsonl", "DATACARD.md", "record.json", "ledger.json", "config.yaml", "checkpoint.pt"):
+        assert (out / f).exists(), f
+    lines = [json.loads(x) for x in (out / "synthetic.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and {r["label"] for r in lines} <= {"normal", "abnormal"}
+    assert sum(rec["label_counts"]["generated"].values()) == 12
+
+    # one ledger: the label histogram once + every training step; the target covers both
+    led = acc.PrivacyLedger.load(out / "ledger.json")
+    assert led.count("label_histogram") == 1 and led.steps == rec["privacy"]["steps"]
+    p = rec["privacy"]
+    n_units = rec["data"]["num_units"]
+    assert n_units == 120 + 1 + 3  # 120 training records + canaries inserted 1x and 3x
+    independent = acc.PrivacyLedger(relation="add_or_remove")
+    independent.compose(acc.gaussian_release_event(5.0, 1.0), label="label_histogram")
+    independent.compose(acc.PoissonSampling(16 / n_units).step_event(p["noise_multiplier"]), p["steps"])
+    assert p["epsilon"] == pytest.approx(independent.epsilon(p["delta"]), rel=1e-9)
+    assert p["epsilon"] <= 8.0
+    assert p["epsilon_recomputed_from_plan"] == pytest.approx(p["epsilon"], rel=1e-9)
+    assert p["epsilon"] > 7.5  # calibrated tight to the target, not merely below it
+
+    # checkpoint: adapters only (the frozen base model comes from model.source)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]["model"]
+    assert state and all("lora_" in k for k in state)
+
+    ev = rec["evaluation"]
+    assert ev["covered_by_dp"] is False
+    assert set(ev["downstream"]) >= {"synthetic", "real_non_private", "real_dp"}
+    assert ev["downstream"]["real_dp"]["epsilon"] <= 8.0
+    assert set(ev["canaries"]["by_repetitions"]) == {"1", "3"}
+    assert 0 <= ev["memorisation"]["ngram_overlap"]["train_overlap"] <= 1
+    card = (out / "DATACARD.md").read_text()
+    assert f"{p['epsilon']:.4f}" in card and "NOT covered by the DP guarantee" in card
+
+    # the histogram is paid for: without it (public prior) the same target needs less noise
+    from dptrain.trainers.plan import PrivacyPlan
+
+    prior = _recipe(tiny, corpus, **{"synthesis.label_counts": "prior", "synthesis.prior": [0.5, 0.5]})
+    assert PrivacyPlan.from_recipe(prior, n_units).noise_multiplier < p["noise_multiplier"]
+
+
+def test_resume_after_a_crash_in_generation_spends_nothing_twice(tiny, corpus, tmp_path, monkeypatch):
+    from dptrain.synth import lm, pipeline
+
+    torch.set_num_threads(1)
+    recipe = _recipe(tiny, corpus, **{"synthesis.evaluation.canaries": 0, "synthesis.evaluation.dp_baseline": False})
+    out = tmp_path / "run"
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm, "generate", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.synthesize(recipe, out, progress=False)
+    first = acc.PrivacyLedger.load(out / "ledger.json")
+    monkeypatch.undo()
+    with pytest.raises(Exception, match="not empty"):
+        pipeline.synthesize(recipe, out, progress=False)
+    rec = pipeline.synthesize(recipe, out, resume=True, progress=False).record
+    led = acc.PrivacyLedger.load(out / "ledger.json")
+    assert led.count("label_histogram") == 1 and led.steps == first.steps == rec["privacy"]["steps"]
+    assert rec["privacy"]["epsilon"] == pytest.approx(first.epsilon(rec["privacy"]["delta"]))
+    assert rec["label_counts"]["noisy_counts"] is not None
+
+
+def test_recipe_errors_name_the_field(tiny, corpus, tmp_path):
+    from dptrain.run import RunError, train
+    from dptrain.synth.pipeline import synthesize
+
+    with pytest.raises(RecipeError, match=r"synthesis.prompt must contain \{label\}"):
+        _recipe(tiny, corpus, **{"synthesis.prompt": "a report:"})
+    with pytest.raises(RecipeError, match="prior needs synthesis.prior"):
+        _recipe(tiny, corpus, **{"synthesis.label_counts": "prior"})
+    with pytest.raises(RecipeError, match="trainer.backend"):
+        _recipe(tiny, corpus, **{"trainer.backend": "jax"})
+    with pytest.raises(RunError, match="dptrain synth"):
+        train(_recipe(tiny, corpus), tmp_path / "x")
+    with pytest.raises(RunError, match="synthesis.prior: 3 weights for 2 classes"):
+        synthesize(_recipe(tiny, corpus, **{"synthesis.label_counts": "prior", "synthesis.prior": [1, 1, 1]}),
+                   tmp_path / "y", progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
