@@ -194,13 +194,14 @@ def _cmd_report(args) -> int:
 def _cmd_datasets(args) -> int:
     from dptrain.data import list_datasets
     from dptrain.data.images import list_image_datasets
+    from dptrain.data.text import list_text_datasets
 
-    rows = list_datasets() + list_image_datasets()
+    rows = list_datasets() + list_image_datasets() + list_text_datasets()
     if args.json:
         print(json.dumps(rows))
         return 0
     for r in rows:
-        print(f"builtin:{r['name']:<14} {r['rows']:>6} rows  label={r['label']:<12} "
+        print(f"builtin:{r['name']:<16} {r['rows']:>6} rows  label={r['label']:<12} "
               f"sensitive={','.join(r['sensitive'])}  {r['description']}")
     return 0
 
@@ -288,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     _report_options(rp, threshold_default=None)
     rp.set_defaults(func=_cmd_report)
 
-    d = sub.add_parser("datasets", help="list built-in datasets")
-    d.add_argument("--json", action="store_true")
+    d = sub.add_parser("datasets", help="list built-in datasets",
+                       description="List the built-in datasets (tables, images, texts) with their size, label and "
+                                   "sensitive attributes; they load from installed packages, never from the internet.")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=_cmd_datasets)
     return p
 

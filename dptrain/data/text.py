@@ -135,3 +135,12 @@ def load_text(source: str, *, text_column: str = "text", label_column: str = "la
 
 
 __all__ = ["IU_XRAY", "DataError", "TextData", "load_text", "read_iu_xray_reports"]
+
+
+def list_text_datasets() -> list[dict]:
+    """Built-in text data sets, shaped like :func:`dptrain.data.tabular.list_datasets` rows."""
+    return [{"name": IU_XRAY, "rows": 3955, "label": "label", "sensitive": [], "row_filter": None,
+             "description": "Indiana University chest X-ray reports (de-identified; from torchxrayvision): findings "
+                            "+ impression; label normal / abnormal from the MeSH tags (reports without text or indexing dropped). "
+                            "For dptrain synth.",
+             "citation": "Demner-Fushman et al. 2016, JAMIA 23(2):304-310", "licence": "Open-i (U.S. National Library of Medicine) terms of use"}]

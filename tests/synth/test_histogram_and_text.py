@@ -73,3 +73,11 @@ def test_csv_and_jsonl_records(tmp_path):
         load_text(str(tmp_path / "r.jsonl"), text_column="body", label_column="dx")
     with pytest.raises(DataError, match="data.positive_label"):
         load_text(str(tmp_path / "r.jsonl"), text_column="report", label_column="dx", positive_label="x")
+
+
+def test_text_builtin_is_listed_like_the_other_builtins():
+    from dptrain.data import list_datasets
+    from dptrain.data.text import list_text_datasets
+
+    rows = list_text_datasets()
+    assert [r["name"] for r in rows] == ["iu-xray-reports"] and set(rows[0]) == set(list_datasets()[0])

@@ -158,3 +158,48 @@ def test_recipe_errors_name_the_field(tiny, corpus, tmp_path):
         synthesize(_recipe(tiny, corpus, **{"synthesis.label_counts": "prior", "synthesis.prior": [1, 1, 1]}),
                    tmp_path / "y", progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_lm_task_clipped_update_equals_brute_force_per_record(tiny):
+    """The Opacus step with the (cached) prefix-LM task clips each record's own gradient: compare the update
+    with per-record autograd on the uncached model, every record clipped to C, summed, / expected batch."""
+    from dptrain.config import OptimizerConfig
+    from dptrain.trainers.base import Batch
+    from dptrain.trainers.opacus_backend import OpacusTrainer
+    from dptrain.trainers.plan import PrivacyPlan
+
+    torch.manual_seed(0)
+    model, tok = load_causal_lm(str(tiny))
+    lora = add_lora(model, r=2, top_layers=1)
+    with torch.no_grad():  # LoRA B starts at zero: move it so A gets gradients too
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    texts = ["heart size is normal", "small left effusion lungs clear", "no", "lungs clear no effusion"]
+    prompts = ["report (normal):", "report (abnormal):", "report (normal):", "report (abnormal):"]
+    x, y = encode_records(tok, prompts, texts, max_length=16)
+    params = {n: p for n, p in lora.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    C, B = 1e-3, 3.0
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(len(texts)):
+        lora.zero_grad()
+        ids, mask, lab = (torch.from_numpy(a[i:i + 1]) for a in (x[:, 0], x[:, 1], y))
+        per_example_lm_loss(lora(input_ids=ids, attention_mask=mask).logits, lab).sum().backward()
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params.values()))
+        assert norm > 10 * C  # every record is clipped
+        for n, p in params.items():
+            expected[n] -= (C / norm) * p.grad / B  # SGD lr 1
+    lora.zero_grad()
+    plan = PrivacyPlan(scheme=acc.PoissonSampling(0.5), noise_multiplier=0.0, clipping_norm=C, steps=1,
+                       expected_batch_size=B, delta=1e-5, accountant="pld", mode="clip_only",
+                       privacy_unit="example", num_units=4)
+    trainer = OpacusTrainer(OptimizerConfig(name="sgd", lr=1.0), task=PrefixLMTask(lora, x, cache_below=1),
+                            max_physical_batch_size=3, device="cpu")  # 2 virtual steps
+    trainer.init(lora, plan, seed=0, dp_seed=1)
+    trainer.dp_step(Batch(np.arange(4)[:, None], y, np.arange(4)))
+    got = torch.cat([(p.detach() - before[n]).ravel() for n, p in params.items()])
+    want = torch.cat([expected[n].ravel() for n in params])
+    # float32 parameters: the update (~1e-4) is read back by subtraction, so compare as vectors
+    assert torch.linalg.vector_norm(got - want) < 1e-3 * torch.linalg.vector_norm(want)
+    assert set(trainer.state_dict()["model"]) == {k for k in lora.state_dict() if "lora_" in k}
