@@ -1,0 +1,21 @@
+"""The README's Python example runs as printed (from a directory holding the recipes)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    example = blocks[0]
+    assert len(example.strip().splitlines()) <= 6  # the 5-line API example (plus a blank line)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example.replace('["privacy.epsilon=4"]', '["privacy.epsilon=4", "training.epochs=2"]'),
+                 "README.md", "exec"), {})
+    eps, auroc = map(float, capsys.readouterr().out.split()[-2:])
+    assert 3.9 < eps <= 4.0 and 0.3 < auroc < 1.0
+    assert (tmp_path / "runs" / "actg-eps4" / "record.json").exists()
