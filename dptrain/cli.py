@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import accounting as acc
@@ -101,6 +102,8 @@ def _cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or f"runs/{recipe.name}"
     result = train(recipe, out, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) > 0:  # data-parallel: rank 0 reports (and owns the run directory)
+        return 0
     rec = result.record
     p, m = rec["privacy"], rec["metrics"]["test"]
     print(f"run directory: {result.out_dir}")

@@ -5,6 +5,12 @@ refused run writes nothing. During training the checkpoint is the single source 
 file holding model, optimiser, ledger, step and the secret DP seed); ``ledger.json`` and
 ``metrics.jsonl`` are rewritten from it. ``resume`` continues from the checkpoint with the same
 ledger, so no step of privacy spending is lost or counted twice.
+
+Data-parallel: under ``torchrun --nproc_per_node N -m dptrain train ...`` (WORLD_SIZE > 1) ``train`` joins
+the process group (gloo on CPU, NCCL on GPU ``LOCAL_RANK``), trains the same accounted mechanism on N
+processes (see :mod:`dptrain.trainers.distributed`) and leaves the group at the end. Only rank 0 reads or
+writes the run directory and shows progress; it broadcasts what the others need (the secret dp_seed, the
+checkpoint on resume, the canaries), and its errors stop every rank.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dptrain.data.augment import make_augmenter
 from dptrain.evaluate.metrics import utility_metrics
 from dptrain.trainers.base import TrainerError
 from dptrain.trainers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dptrain.trainers.distributed import LOCAL, BroadcastSampler, Distributed, DistributedError, from_env
 from dptrain.trainers.loop import run_loop
 from dptrain.trainers.plan import PrivacyPlan
 from dptrain.trainers.sampler import UnitSampler
@@ -50,14 +57,17 @@ def _slug(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", source.removeprefix("builtin:").split("/")[-1]).strip("-") or "data"
 
 
-def build_trainer(recipe: Recipe):
+def build_trainer(recipe: Recipe, dist: Distributed = LOCAL):
     t = recipe.trainer
     if t.backend == "opacus":
         from dptrain.trainers.opacus_backend import OpacusTrainer
 
         return OpacusTrainer(recipe.optimizer, grad_sample_mode=t.grad_sample_mode,
                              max_physical_batch_size=t.max_physical_batch_size, secure_rng=recipe.privacy.secure_rng,
-                             device=t.device)
+                             device=t.device, dist=dist)
+    if dist.active:
+        raise TrainerError(f"trainer.backend: {t.backend}: data-parallel training (WORLD_SIZE={dist.world_size}) is "
+                           "supported by the opacus backend only; use trainer.backend: opacus or run one process")
     if t.backend == "jax":
         try:
             from dptrain.trainers.jax_backend import JaxTrainer
@@ -156,15 +166,17 @@ def check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
 
 def fit(trainer, sampler: UnitSampler, plan: PrivacyPlan, ledger: acc.PrivacyLedger, x, y, units, out: Path, *,
         start: int, dp_seed: int, metrics: list[dict[str, Any]], progress: bool, log_loss: bool = True,
-        checkpoint_every: int | None = None, augment=None, state_extra: dict[str, Any] | None = None) -> float:
+        checkpoint_every: int | None = None, augment=None, state_extra: dict[str, Any] | None = None,
+        writer: bool = True) -> float:
     """THE loop with a progress bar, per-epoch metrics and atomic checkpoints (every epoch, and at the end).
 
     The checkpoint holds trainer state, ledger, step, secret dp_seed, metrics and ``state_extra``; it is
     the single source of truth a resume starts from. ``log_loss=False`` logs no training loss (when the
-    batches hold canaries). Returns the seconds this session trained."""
+    batches hold canaries). ``writer=False`` (data-parallel ranks other than 0): no bar, metrics or files.
+    Returns the seconds this session trained."""
     k = plan.scheme.steps_per_epoch()
     every = checkpoint_every or k
-    bar = _Progress(plan, start, progress, show_loss=log_loss)
+    bar = _Progress(plan, start, progress and writer, show_loss=log_loss)
     epoch_loss = {"sum": 0.0, "rows": 0}
     ckpt_path = out / CHECKPOINT
 
@@ -189,8 +201,8 @@ def fit(trainer, sampler: UnitSampler, plan: PrivacyPlan, ledger: acc.PrivacyLed
 
     t0 = time.time()
     try:
-        run_loop(trainer, sampler, plan, ledger, x, y, units, start_step=start, callbacks=[bar, on_step],
-                 augment=augment)
+        run_loop(trainer, sampler, plan, ledger, x, y, units, start_step=start,
+                 callbacks=[bar, on_step] if writer else [], augment=augment)
     finally:
         bar.close()
     return time.time() - t0
@@ -198,13 +210,35 @@ def fit(trainer, sampler: UnitSampler, plan: PrivacyPlan, ledger: acc.PrivacyLed
 
 def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed: int | None = None,
           progress: bool = True, checkpoint_every: int | None = None) -> RunResult:
-    """Train one run into ``out_dir``. See the module docstring for the crash-safety contract."""
-    out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT
+    """Train one run into ``out_dir``. See the module docstring for the crash-safety contract.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this and gets the same result; rank 0's ``dp_seed``
+    is used. Without WORLD_SIZE it is the single-process run."""
     if recipe.model.name == "causal_lm":
         raise RunError("model.name: causal_lm recipes fine-tune a language model for synthetic text; "
                        "run them with `dptrain synth RECIPE`")
-    finished = check_out_dir(out, resume)
+    try:
+        dist = from_env(recipe.trainer.device)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    ok = False
+    try:
+        result = _train(recipe, Path(out_dir), dist, resume=resume, dp_seed=dp_seed, progress=progress,
+                        checkpoint_every=checkpoint_every)
+        ok = True
+        return result
+    except DistributedError as err:  # rank 0 failed and reported why; this rank stops with a clear line
+        raise RunError(str(err)) from None
+    finally:
+        dist.close(ok=ok)
+
+
+def _train(recipe: Recipe, out: Path, dist: Distributed, *, resume: bool, dp_seed: int | None, progress: bool,
+           checkpoint_every: int | None) -> RunResult:
+    """``train`` on every rank. Each ``dist.on_main`` step (the file system) runs on rank 0 only and ends
+    with a broadcast of its result or error; the rest is deterministic and the same on every rank."""
+    ckpt_path = out / CHECKPOINT
+    finished = dist.on_main(lambda: check_out_dir(out, resume))
     if finished is not None:
         return RunResult(out, finished)
 
@@ -226,42 +260,57 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
         except ImportError as err:
             raise RunError(f"privacy.audit.canaries: {err}; or set privacy.audit.canaries=0") from None
     config_text = dump_recipe(recipe)
-    if resume and (out / "config.yaml").exists() and (out / "config.yaml").read_text() != config_text:
-        raise RunError(f"--resume: the recipe differs from {out / 'config.yaml'}; resume with the same recipe "
-                       "and --set overrides as the original run")
-    trainer = build_trainer(recipe)
+
+    def check_same_recipe() -> None:
+        if resume and (out / "config.yaml").exists() and (out / "config.yaml").read_text() != config_text:
+            raise RunError(f"--resume: the recipe differs from {out / 'config.yaml'}; resume with the same recipe "
+                           "and --set overrides as the original run")
+
+    dist.on_main(check_same_recipe)
+    trainer = build_trainer(recipe, dist)
     model = build_model(recipe, data)
-    budget = None
-    run_id = _read_run_id(out) if resume else None
-    run_id = run_id or f"{out.name}-{uuid.uuid4().hex[:12]}"  # unique: a reused --out is charged again
-    if recipe.privacy.dataset_budget is not None:
-        budget_path = out.parent / f"{_slug(recipe.data.source)}.budget.json"
-        planned = plan.planned_ledger()
-        if not budget_path.exists() and planned.epsilon(plan.delta) > recipe.privacy.dataset_budget:
-            raise acc.BudgetExceededError(
-                f"budget: this run alone would spend epsilon={planned.epsilon(plan.delta):.4g} at delta="
-                f"{plan.delta:g}, over privacy.dataset_budget={recipe.privacy.dataset_budget:g}; lower "
-                "privacy.epsilon or train fewer steps. Nothing was written.")
-        budget = acc.DatasetBudget.create(
-            budget_path, epsilon=recipe.privacy.dataset_budget, delta=plan.delta, relation=plan.relation,
-            privacy_unit=plan.privacy_unit, accountant=plan.accountant, exist_ok=True)
-        budget.reserve(run_id, planned)  # refuses (writing nothing) if it would overspend
+
+    def reserve() -> tuple[str, acc.DatasetBudget | None]:
+        budget = None
+        run_id = _read_run_id(out) if resume else None
+        run_id = run_id or f"{out.name}-{uuid.uuid4().hex[:12]}"  # unique: a reused --out is charged again
+        if recipe.privacy.dataset_budget is not None:
+            budget_path = out.parent / f"{_slug(recipe.data.source)}.budget.json"
+            planned = plan.planned_ledger()
+            if not budget_path.exists() and planned.epsilon(plan.delta) > recipe.privacy.dataset_budget:
+                raise acc.BudgetExceededError(
+                    f"budget: this run alone would spend epsilon={planned.epsilon(plan.delta):.4g} at delta="
+                    f"{plan.delta:g}, over privacy.dataset_budget={recipe.privacy.dataset_budget:g}; lower "
+                    "privacy.epsilon or train fewer steps. Nothing was written.")
+            budget = acc.DatasetBudget.create(
+                budget_path, epsilon=recipe.privacy.dataset_budget, delta=plan.delta, relation=plan.relation,
+                privacy_unit=plan.privacy_unit, accountant=plan.accountant, exist_ok=True)
+            budget.reserve(run_id, planned)  # refuses (writing nothing) if it would overspend
+        return run_id, budget
+
+    run_id, budget = dist.on_main(reserve, share=False) or (None, None)  # the budget is rank 0's business
 
     # ---- start or resume ----
-    out.mkdir(parents=True, exist_ok=True)
-    metrics: list[dict[str, Any]] = []
-    canaries = None
-    if n_canaries:
-        from dptrain.audit.canaries import FILE, load_canaries, make_canaries, save_canaries
+    def start_state() -> tuple[Any, dict | None, int | None]:
+        """(canaries, checkpoint state on resume, else a fresh secret dp_seed), on every rank."""
+        out.mkdir(parents=True, exist_ok=True)
+        canaries = None
+        if n_canaries:
+            from dptrain.audit.canaries import FILE, load_canaries, make_canaries, save_canaries
 
-        if resume and (out / FILE).exists():
-            canaries = load_canaries(out / FILE)
-        else:
-            canaries = make_canaries(n_canaries, _numeric_mask(data), len(data.classes))
-            save_canaries(out / FILE, canaries)
+            if resume and (out / FILE).exists():
+                canaries = load_canaries(out / FILE)
+            else:
+                canaries = make_canaries(n_canaries, _numeric_mask(data), len(data.classes))
+                save_canaries(out / FILE, canaries)
+        if resume and ckpt_path.exists():
+            return canaries, load_checkpoint(ckpt_path), None
+        return canaries, None, secrets.randbits(63) if dp_seed is None else int(dp_seed)
+
+    metrics: list[dict[str, Any]] = []
+    canaries, state, new_seed = dist.on_main(start_state)
     x_train, y_train, units_train = _with_canaries(data, canaries)
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
+    if state is not None:
         ledger = acc.PrivacyLedger.from_dict(json.loads(state["ledger"]))
         dp_seed, start = int(state["dp_seed"]), int(state["step"])
         metrics = json.loads(state["metrics"])
@@ -269,51 +318,62 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
                      ema=recipe.training.ema)
         trainer.load_state_dict(state["trainer"])
     else:
-        dp_seed = secrets.randbits(63) if dp_seed is None else int(dp_seed)
+        dp_seed = new_seed
         ledger, start = plan.new_ledger(run=out.name, recipe=recipe.name), 0
         trainer.init(model, plan, seed=recipe.seed, dp_seed=dp_seed, fix_batchnorm=recipe.model.fix_batchnorm,
                      ema=recipe.training.ema)
-        atomic_write_bytes(out / "config.yaml", config_text.encode())
-        atomic_write_bytes(out / "run_id", run_id.encode())
+
+        def write_start() -> None:
+            atomic_write_bytes(out / "config.yaml", config_text.encode())
+            atomic_write_bytes(out / "run_id", run_id.encode())
+
+        dist.on_main(write_start)
+    del state
 
     augment = make_augmenter(recipe.training.augment, recipe.training.augmult, recipe.seed)
     sampler = UnitSampler(units_train, plan.num_units, plan.scheme, dp_seed=dp_seed,
                           secure=recipe.privacy.secure_rng)
+    if dist.active and recipe.privacy.secure_rng:  # OS coins differ per rank: rank 0 samples for everybody
+        sampler = BroadcastSampler(sampler, dist)
     seconds = fit(trainer, sampler, plan, ledger, x_train, y_train, units_train, out, start=start, dp_seed=dp_seed,
                   metrics=metrics, progress=progress, log_loss=canaries is None,
-                  checkpoint_every=checkpoint_every, augment=augment)
+                  checkpoint_every=checkpoint_every, augment=augment, writer=dist.is_main)
 
-    # ---- evaluate and record ----
-    probs = trainer.predict(data.x_test)
-    scores = probs[:, 1] if probs.shape[1] == 2 else probs
-    test_metrics = utility_metrics(data.y_test, scores)
-    _write_predictions(out / "predictions.parquet", data, probs)
-    ledger.save(out / "ledger.json")
-    if budget is not None:
-        budget.settle(run_id, ledger)
-    statement = privacy_statement(plan, ledger, recipe)
-    if "warning" in data.preprocessing:  # e.g. per-image DP on data that has patient ids
-        statement["warning"] = "; ".join(filter(None, [statement.get("warning"), data.preprocessing["warning"]]))
-    audit = _audit(trainer, data, canaries, statement, recipe)
-    atomic_write_json(out / "audit.json", _jsonable(audit))
-    record = {
-        "format": "dptrain.run-record/1",
-        "status": "finished",
-        "recipe": recipe.name,
-        "privacy": statement,
-        "audit": _audit_summary(audit),
-        "metrics": {"test": test_metrics},
-        "data": {"source": data.source, "n_train": int(len(data.y_train)), "n_test": int(len(data.y_test)),
-                 "num_units": data.num_units, "audit_canary_units": n_canaries, "privacy_unit": data.privacy_unit, "classes": data.classes,
-                 "features": data.feature_names, "preprocessing": data.preprocessing},
-        "training": {"backend": recipe.trainer.backend,
-                     "clipping": recipe.trainer.grad_sample_mode if recipe.trainer.backend == "opacus"
-                     else recipe.trainer.clipping,
-                     "steps": ledger.steps, "seconds_this_session": round(seconds, 2), "resumed": resume},
-        "versions": _versions(),
-    }
-    atomic_write_json(out / "record.json", _jsonable(record))
-    return RunResult(out, record)
+    # ---- evaluate and record (rank 0) ----
+    def finish() -> dict[str, Any]:
+        probs = trainer.predict(data.x_test)
+        scores = probs[:, 1] if probs.shape[1] == 2 else probs
+        test_metrics = utility_metrics(data.y_test, scores)
+        _write_predictions(out / "predictions.parquet", data, probs)
+        ledger.save(out / "ledger.json")
+        if budget is not None:
+            budget.settle(run_id, ledger)
+        statement = privacy_statement(plan, ledger, recipe)
+        if "warning" in data.preprocessing:  # e.g. per-image DP on data that has patient ids
+            statement["warning"] = "; ".join(filter(None, [statement.get("warning"), data.preprocessing["warning"]]))
+        audit = _audit(trainer, data, canaries, statement, recipe)
+        atomic_write_json(out / "audit.json", _jsonable(audit))
+        record = {
+            "format": "dptrain.run-record/1",
+            "status": "finished",
+            "recipe": recipe.name,
+            "privacy": statement,
+            "audit": _audit_summary(audit),
+            "metrics": {"test": test_metrics},
+            "data": {"source": data.source, "n_train": int(len(data.y_train)), "n_test": int(len(data.y_test)),
+                     "num_units": data.num_units, "audit_canary_units": n_canaries, "privacy_unit": data.privacy_unit, "classes": data.classes,
+                     "features": data.feature_names, "preprocessing": data.preprocessing},
+            "training": {"backend": recipe.trainer.backend,
+                         "clipping": recipe.trainer.grad_sample_mode if recipe.trainer.backend == "opacus"
+                         else recipe.trainer.clipping,
+                         "steps": ledger.steps, "seconds_this_session": round(seconds, 2), "resumed": resume,
+                         "world_size": dist.world_size},
+            "versions": _versions(),
+        }
+        atomic_write_json(out / "record.json", _jsonable(record))
+        return record
+
+    return RunResult(out, dist.on_main(finish))
 
 
 def restore(out_dir: str | Path):

@@ -287,11 +287,13 @@ def evaluate_synthetic(recipe: Recipe, data, train_texts: list[str], train_y: np
     tr = [train_texts[i] for i in np.sort(rng.choice(len(train_texts), n_mem, replace=False))]
     ho = [data.texts_test[i] for i in np.sort(rng.choice(len(data.texts_test), n_mem, replace=False))]
     out["memorisation"] = {"ngram_overlap": ev.ngram_overlap(syn_texts, tr, ho, n=cfg.ngram)}
-    out["heldout_nll_per_token"] = _heldout_nll(model, tok, prompts, classes, data, recipe.seed, recipe.model.max_length)
+    n_nll = min(64, cfg.fidelity_records)
+    out["heldout_nll_per_token"] = _heldout_nll(model, tok, prompts, classes, data, recipe.seed, recipe.model.max_length,
+                                                n_nll)
     if hasattr(model, "disable_adapter"):  # the same records under the base model: did fine-tuning help?
         with model.disable_adapter():
             out["heldout_nll_per_token_base"] = _heldout_nll(model, tok, prompts, classes, data, recipe.seed,
-                                                             recipe.model.max_length)
+                                                             recipe.model.max_length, n_nll)
     if canaries:
         out["canaries"] = canary_exposure(model, tok, canaries, prompts[classes[canaries[0]["label"]]], syn_texts,
                                           references=cfg.canary_references, max_length=recipe.model.max_length)
@@ -299,7 +301,7 @@ def evaluate_synthetic(recipe: Recipe, data, train_texts: list[str], train_y: np
 
 
 def _heldout_nll(model, tok, prompts, classes, data, seed: int, max_length: int, n: int = 64) -> float:
-    """Mean NLL per text token of ``n`` real held-out records under the fine-tuned model (nats)."""
+    """Mean NLL per text token of ``n`` real held-out records (those that fit max_length) under ``model`` (nats)."""
     from dptrain.synth.evaluate import sequence_nll
 
     def fits(i: int) -> bool:

@@ -16,6 +16,10 @@ Models with frozen parameters (LoRA adapters on a frozen LM) checkpoint only the
 Noise comes from a torch generator reseeded each step from the secret ``dp_seed`` (resumable), or
 with ``secure_rng`` from the OS CSPRNG (sum of four Gaussians / 2, Opacus's floating-point attack
 mitigation).
+
+Data-parallel (``dist``, see :mod:`dptrain.trainers.distributed`): ``dp_step`` gets the *global* batch on
+every rank and processes only this rank's share (units ``u % world_size == rank``); the clipped sums are
+all-reduced and the identical noise is added once, in ``add_noise``; the step equals the single-process one.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import warnings
 import numpy as np
 import torch
 from opacus import GradSampleModule
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -35,6 +40,7 @@ from torch import nn
 
 from dptrain.config import OptimizerConfig
 from dptrain.trainers.base import Batch, StepStats, TrainerError, ema_decay_at
+from dptrain.trainers.distributed import LOCAL, Distributed
 from dptrain.trainers.plan import PrivacyPlan
 
 # Opacus's hooks fire on module outputs when inputs need no grad; harmless and expected here.
@@ -51,15 +57,24 @@ def secure_gaussian(shape: torch.Size, std: float, dtype: torch.dtype) -> torch.
 
 
 class _OurNoise:
-    """Mixin replacing Opacus's ``add_noise`` with our noise source (same std: sigma * C)."""
+    """Mixin replacing Opacus's ``add_noise`` with our noise source (same std: sigma * C).
 
-    noise_fn = None
+    Distributed, this is also where gradients are synchronised (no DDP gradient hook does it): ``sync_fn``
+    all-reduces (SUM) every rank's clipped sum, then ``noise_fn`` -- identical on every rank -- adds the
+    noise once, so the noisy sum is the single-process one (not sqrt(world_size) times the noise)."""
+
+    noise_fn = None  # (clipped sums, std) -> one noise tensor per sum
+    sync_fn = None  # in-place SUM across ranks; None in a single process
 
     def add_noise(self):
         std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            p.grad = (p.summed_grad + self.noise_fn(p.summed_grad.shape, std, p.summed_grad.dtype)).view_as(p)
+        sums = [p.summed_grad for p in self.params]
+        for s in sums:
+            _check_processed_flag(s)
+        if self.sync_fn is not None:
+            self.sync_fn(sums)
+        for p, s, z in zip(self.params, sums, self.noise_fn(sums, std), strict=True):
+            p.grad = (s + z).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 
@@ -113,9 +128,15 @@ class ClassificationTask:
 
 class OpacusTrainer:
     def __init__(self, optimizer: OptimizerConfig, *, grad_sample_mode: str = "hooks",
-                 max_physical_batch_size: int = 1024, secure_rng: bool = False, task=None, device: str = "auto"):
+                 max_physical_batch_size: int = 1024, secure_rng: bool = False, task=None, device: str = "auto",
+                 dist: Distributed = LOCAL):
+        """``dist``: this process's place in a data-parallel run (default: a single process); with CUDA each
+        rank trains on GPU ``dist.local_rank``."""
         self.task = task or ClassificationTask()
         self.device = resolve_device(device)
+        self.dist = dist
+        if dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", dist.local_rank)
         self.opt_cfg, self.mode = optimizer, grad_sample_mode
         self.max_physical, self.secure = max_physical_batch_size, secure_rng
         self.steps_done = 0
@@ -124,6 +145,10 @@ class OpacusTrainer:
     def init(self, model: nn.Module, plan: PrivacyPlan, *, seed: int, dp_seed: int, fix_batchnorm: bool = False,
              ema: float | None = None):
         model = check_model(model, fix=fix_batchnorm).to(self.device)
+        if self.dist.active:
+            # used for its constructor only: it broadcasts rank 0's initial parameters. Its forward adds
+            # nothing, and gradients are not averaged by it: they are summed before the noise in add_noise.
+            DifferentiallyPrivateDistributedDataParallel(model)
         self.plan, self.dp_seed = plan, int(dp_seed)
         self.module = model
         self.ema_decay = ema
@@ -150,7 +175,18 @@ class OpacusTrainer:
         else:
             self.model = GradSampleModule(model, batch_first=True, loss_reduction="sum")
             self.opt = _DPOptimizer(base, **kw)
-        self.opt.noise_fn = self._noise
+        self.opt.noise_fn = self._noises
+        self.opt.sync_fn = self.dist.sum_ if self.dist.active else None
+
+    def _noises(self, refs: list[torch.Tensor], std: float) -> list[torch.Tensor]:
+        """One noise tensor per reference (shape, dtype), identical on every rank of a distributed run."""
+        if not (self.secure and self.dist.active and std != 0):
+            return [self._noise(r.shape, std, r.dtype) for r in refs]
+        n = sum(r.numel() for r in refs)  # OS noise differs per rank: rank 0 draws it, everybody gets it
+        flat = secure_gaussian(torch.Size([n]), std, torch.float64) if self.dist.is_main else torch.empty(
+            n, dtype=torch.float64)
+        flat = self.dist.broadcast_(flat.to(self.device))
+        return [z.view(r.shape).to(r.dtype) for z, r in zip(flat.split([r.numel() for r in refs]), refs, strict=True)]
 
     def _noise(self, shape, std: float, dtype) -> torch.Tensor:
         if std == 0:
@@ -183,10 +219,12 @@ class OpacusTrainer:
         self.model.train()
         if self.plan.mode == "non_private":
             stats = self._plain_step(batch)
-        elif len(batch) == 0:
+        elif len(batch) == 0:  # the whole (global) batch is empty: every rank takes the same noise-only step
             stats = self._noise_only_step()
         else:
             stats = self._private_step(batch)
+        if self.dist.active:
+            stats = self._global_stats(stats)
         self.steps_done += 1
         if self.ema is not None:  # post-processing of the released parameters: no privacy cost
             d = ema_decay_at(self.ema_decay, self.steps_done)
@@ -199,21 +237,43 @@ class OpacusTrainer:
         x, y = self.task.tensors(batch.x[rows], batch.y[rows])
         return _to(x, self.device), _to(y, self.device), torch.from_numpy(batch.row_weights()[rows]).to(self.device)
 
+    def _share(self, batch: Batch) -> Batch:
+        """This rank's rows of the global batch: whole units, ``unit % world_size == rank``."""
+        if not self.dist.active:
+            return batch
+        keep = self.dist.share(batch.units)
+        return Batch(batch.x[keep], batch.y[keep], batch.units[keep],
+                     None if batch.weights is None else batch.weights[keep])
+
+    def _global_stats(self, stats: StepStats) -> StepStats:
+        t = torch.tensor([stats.loss_sum, stats.rows], dtype=torch.float64, device=self.device)
+        self.dist.sum_([t])
+        return StepStats(float(t[0]), float(t[1]))
+
     def _plain_step(self, batch: Batch) -> StepStats:
         self.opt.zero_grad(set_to_none=True)
+        nonempty = len(batch) > 0  # of the global batch: the same on every rank
+        batch = self._share(batch)
         total = 0.0
         for rows in self._chunks(batch) if len(batch) else []:
             x, y, w = self._tensors(batch, rows)
             loss = (w * self.task.per_row_loss(self.model, x, y)).sum()
             (loss / self.plan.expected_batch_size).backward()
             total += float(loss.detach())
+        if self.dist.active and nonempty:  # non-private: the plain gradients are summed across ranks
+            params = [p for g in self.base_opt.param_groups for p in g["params"]]
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.dist.sum_([p.grad for p in params])
         self.opt.step()
         return StepStats(total, float(batch.row_weights().sum()))
 
     def _noise_only_step(self) -> StepStats:
         std = self.plan.noise_multiplier * self.plan.clipping_norm
-        for p in self.opt.params:
-            p.grad = self._noise(p.shape, std, p.dtype) / self.plan.expected_batch_size
+        params = self.opt.params
+        for p, z in zip(params, self._noises(params, std), strict=True):
+            p.grad = z / self.plan.expected_batch_size
         self.base_opt.step()
         self.opt.zero_grad(set_to_none=True)
         return StepStats(0.0, 0)
@@ -222,6 +282,9 @@ class OpacusTrainer:
         if self.mode == "ghost" and len(np.unique(batch.units)) < len(batch):
             raise TrainerError("trainer.grad_sample_mode: ghost clipping clips each row, but this batch has several "
                                "rows per unit (augmentation multiplicity or patients); use grad_sample_mode: hooks")
+        batch = self._share(batch)
+        if not len(batch):
+            return self._empty_share_step()
         chunks = self._chunks(batch)
         total = 0.0
         for i, rows in enumerate(chunks):
@@ -243,6 +306,18 @@ class OpacusTrainer:
             self.opt.step()
             self.opt.zero_grad()
         return StepStats(total, float(batch.row_weights().sum()))
+
+    def _empty_share_step(self) -> StepStats:
+        """Distributed: the global batch is not empty but this rank's share is. The rank still steps (so it
+        enters the all-reduce in add_noise) with a zero clipped sum (Opacus's empty-batch path)."""
+        for p in self.opt.params:
+            if self.mode == "ghost":
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        self.opt.step()
+        self.opt.zero_grad()
+        return StepStats(0.0, 0)
 
     def _sum_per_unit(self, units: np.ndarray) -> None:
         """Replace per-row gradients by per-unit sums, so clipping bounds each unit's whole contribution."""
