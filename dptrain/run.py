@@ -367,7 +367,7 @@ def _train(recipe: Recipe, out: Path, dist: Distributed, *, resume: bool, dp_see
                          "clipping": recipe.trainer.grad_sample_mode if recipe.trainer.backend == "opacus"
                          else recipe.trainer.clipping,
                          "steps": ledger.steps, "seconds_this_session": round(seconds, 2), "resumed": resume,
-                         "world_size": dist.world_size},
+                         "world_size": dist.world_size, "devices": getattr(trainer, "num_devices", 1)},
             "versions": _versions(),
         }
         atomic_write_json(out / "record.json", _jsonable(record))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import time
 import uuid
@@ -94,6 +95,9 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
                        "causal_lm and a synthesis section (see recipes/iu-xray-reports-synth.yaml)")
     if recipe.trainer.grad_sample_mode != "hooks":
         raise RunError("trainer.grad_sample_mode: LM fine-tuning uses per-sample hooks; set grad_sample_mode: hooks")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise RunError("dptrain synth runs in one process (data-parallel LM fine-tuning is not supported yet); "
+                       "run it without torchrun")
     syn = recipe.synthesis
     out = Path(out_dir)
     finished = check_out_dir(out, resume)

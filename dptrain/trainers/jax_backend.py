@@ -25,6 +25,35 @@ Noise: ``jax.random`` with a key derived from ``(dp_seed, steps_done)`` (counter
 checkpoint replays exactly); with ``secure_rng`` from the OS CSPRNG on the host (Box-Muller, four
 Gaussians summed and halved, Opacus's floating-point attack mitigation), passed into the step.
 
+Data parallelism (``JaxTrainer.num_devices``): with more than one local device (``jax.local_devices()``)
+the step runs on a 1-D mesh with axis ``"data"``. Every padded batch array is laid out as
+``(devices, chunks, rows per device, ...)`` and sharded along that leading axis
+(``NamedSharding(mesh, PartitionSpec("data"))``); parameters, optimiser state, EMA, the noise key and
+(``secure_rng``) the host noise are replicated. Each device clips and sums the units of its own rows; jit
+(GSPMD) inserts the cross-device sum (an all-reduce), so the clipped sum runs over the whole global batch;
+the noise is then drawn once from the replicated key (the same values on every device, and the same values
+as on one device: threefry keys are counter-based and partitionable), added once, divided by the expected
+batch size once. With one device there is no mesh and no sharding: the step is bit-for-bit the
+single-device step.
+
+Formal guarantees with several devices: those of ``dp_step`` above, unchanged. A privacy unit never spans
+devices (per-unit chunks are assigned to devices whole), so each unit's summed gradient is clipped to C
+exactly once; padding rows (the row count is rounded up to a multiple of the device count) are masked; the
+sampler and ``TruncatedPoissonSampling.max_batch_size`` are untouched -- the accounted batch is the global
+batch, so epsilon and the ledger do not depend on the number of devices.
+
+Sharp edges (several devices):
+  * results equal a one-device run only up to floating-point summation order (about 1e-7 relative per
+    step), not bit for bit; the noise itself is identical.
+  * ``max_physical_batch_size`` is the *global* physical batch: each device processes
+    ``ceil(max_physical_batch_size / devices)`` rows per ``lax.scan`` step (at least one row, and per unit at
+    least the largest unit of the batch, up to ``max_physical_batch_size``). Padded row counts are rounded
+    up to a multiple of the device count (more padding: more compute, no privacy effect); per unit, packing
+    whole units into smaller per-device chunks can need more chunks than on one device.
+  * ``predict`` runs replicated (every device computes every prediction); it is not sharded.
+  * single host only: the mesh spans ``jax.local_devices()``; with ``jax.process_count() > 1`` each
+    process would train its own model on its own batches.
+
 Sharp edge: ``dp_seed`` is secret (it determines the noise); it is not part of ``state_dict``.
 """
 
@@ -42,6 +71,7 @@ import optax
 import torch
 from flax import traverse_util
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dptrain.config import OptimizerConfig
 from dptrain.trainers import fast_clip
@@ -89,6 +119,7 @@ class StepConfig:
     std: float
     expected_batch_size: float
     clipping: str
+    mesh: Mesh | None = None  # several devices: batch arrays (D, K, m, ...) sharded along D
 
 
 @functools.lru_cache(maxsize=16)
@@ -102,7 +133,8 @@ def _compiled_predict(model):
 @functools.lru_cache(maxsize=16)
 def _compiled_step(cfg: StepConfig):
     """The jit-compiled DP step: (params, others, opt_state, xs (K, M, ...), ys, mask, seg | None,
-    key_data | None, noise | None) -> (params, opt_state, loss_sum)."""
+    key_data | None, noise | None) -> (params, opt_state, loss_sum). With ``cfg.mesh`` the batch arrays
+    are (D, K, m, ...), sharded along D; everything else is replicated."""
     tx = _optimizer(cfg.optimizer)
 
     def chunk_grads(params, others, x, y, mask, seg):
@@ -119,18 +151,28 @@ def _compiled_step(cfg: StepConfig):
         return fast_clip.clipped_grad_sum(apply_fn, params, x, y, mask, clip=cfg.clip, units=units,
                                           method=cfg.clipping)
 
-    def step(params, others, opt_state, xs, ys, mask, seg, key_data, noise_flat):
+    def accumulate(params, others, xs, ys, mask, seg):
+        """Clipped (or plain) gradient sum and loss sum over the K chunks of xs (K, M, ...)."""
         if xs.shape[0] == 1:
-            grads, loss = chunk_grads(params, others, xs[0], ys[0], mask[0], None if seg is None else seg[0])
-        else:
-            def body(carry, inp):
-                g, lsum = chunk_grads(params, others, *inp) if seg is not None else chunk_grads(
-                    params, others, *inp, None)
-                return (jax.tree.map(jnp.add, carry[0], g), carry[1] + lsum), None
+            return chunk_grads(params, others, xs[0], ys[0], mask[0], None if seg is None else seg[0])
 
-            zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
-            inputs = (xs, ys, mask, seg) if seg is not None else (xs, ys, mask)
-            (grads, loss), _ = jax.lax.scan(body, zero, inputs)
+        def body(carry, inp):
+            g, lsum = chunk_grads(params, others, *inp) if seg is not None else chunk_grads(
+                params, others, *inp, None)
+            return (jax.tree.map(jnp.add, carry[0], g), carry[1] + lsum), None
+
+        zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+        inputs = (xs, ys, mask, seg) if seg is not None else (xs, ys, mask)
+        (grads, loss), _ = jax.lax.scan(body, zero, inputs)
+        return grads, loss
+
+    def step(params, others, opt_state, xs, ys, mask, seg, key_data, noise_flat):
+        if cfg.mesh is None:
+            grads, loss = accumulate(params, others, xs, ys, mask, seg)
+        else:  # each device sums its own shard (leading axis D); the sum over D is GSPMD's all-reduce
+            per_device = jax.vmap(accumulate, in_axes=(None, None, 0, 0, 0, 0))(params, others, xs, ys, mask, seg)
+            per_device = jax.lax.with_sharding_constraint(per_device, NamedSharding(cfg.mesh, PartitionSpec("data")))
+            grads, loss = jax.tree.map(lambda v: jnp.sum(v, axis=0), per_device)
         if cfg.std > 0:
             if noise_flat is not None:
                 noise = ravel_pytree(grads)[1](noise_flat * cfg.std)
@@ -144,7 +186,9 @@ def _compiled_step(cfg: StepConfig):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step)
+    if cfg.mesh is None:
+        return jax.jit(step)
+    return jax.jit(step, out_shardings=NamedSharding(cfg.mesh, PartitionSpec()))
 
 
 class JaxTrainer:
@@ -157,6 +201,9 @@ class JaxTrainer:
         self.opt_cfg, self.clipping = optimizer, _CLIPPING[clipping]
         self.max_physical, self.secure = int(max_physical_batch_size), secure_rng
         self.steps_done = 0
+        devices = jax.local_devices()
+        self.num_devices = len(devices)  # how many devices train (data parallel); the run record may report it
+        self.mesh = Mesh(np.array(devices), ("data",)) if self.num_devices > 1 else None
 
     # ---- setup ----
     def init(self, model, plan: PrivacyPlan, *, seed: int, dp_seed: int, fix_batchnorm: bool = False,
@@ -174,28 +221,33 @@ class JaxTrainer:
                 "so one example's gradient depends on the others and per-example clipping no longer bounds its "
                 "influence. Use GroupNorm (dptrain.models.flax_models.GroupNorm) or LayerNorm"
                 + (" (fix_batchnorm cannot rewrite a flax module)." if fix_batchnorm else "."))
-        self.params = variables.pop("params", {})
-        self.others = variables
+        self.params = self._replicate(variables.pop("params", {}))
+        self.others = self._replicate(variables)
         self.ema_decay = ema
         self.ema = jax.tree.map(jnp.copy, self.params) if ema else None
         o = self.opt_cfg
-        self.opt_state = _optimizer(o).init(self.params)
+        self.opt_state = self._replicate(_optimizer(o).init(self.params))
         self.per_unit = plan.privacy_unit != "example"
         self.std = 0.0 if plan.mode != "dp" else float(plan.noise_multiplier) * float(plan.clipping_norm)
         self._n_params = int(sum(np.size(p) for p in jax.tree.leaves(self.params)))
         self._step = _compiled_step(StepConfig(
             model=model, optimizer=o, mode=plan.mode, clip=None if plan.clipping_norm is None else float(
                 plan.clipping_norm), std=self.std, expected_batch_size=float(plan.expected_batch_size),
-            clipping=self.clipping))
+            clipping=self.clipping, mesh=self.mesh))
         self._predict = _compiled_predict(model)
+
+    def _replicate(self, tree):
+        """Several devices: a copy of ``tree`` on every device of the mesh; one device: ``tree`` itself."""
+        return tree if self.mesh is None else jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
 
     def apply_fn(self, params, x):
         return self.model.apply({"params": params, **self.others}, x)
 
     # ---- host side: static layout ----
     def _layout(self, batch: Batch):
-        """Row indices (K, M) into the batch (-1 = padding) and, per unit, chunk-local unit ids."""
-        n = len(batch)
+        """Row indices (D, K, m) into the batch (-1 = padding) and, per unit, chunk-local unit ids: D devices,
+        K chunks per device (scanned), m rows per device and chunk. One device: (1, K, M) as it always was."""
+        n, d = len(batch), self.num_devices
         cap = getattr(self.plan.scheme, "max_batch_size", None)
         per_unit = self.per_unit or len(np.unique(batch.units)) < n  # e.g. augmentation multiplicity
         if not per_unit or self.plan.mode == "non_private":
@@ -203,17 +255,19 @@ class JaxTrainer:
                 raise TrainerError(f"batch: {n} rows exceed the plan's max_batch_size {cap}; the sampler truncates "
                                    "to it, so batches must come from the plan's sampler")
             total = cap if cap is not None else _pow2(n)
-            m = min(self.max_physical, total)
-            k = math.ceil(total / m)
-            idx = np.full(k * m, -1, dtype=np.int64)
-            idx[:n] = np.arange(n)
-            return idx.reshape(k, m), None
+            m = -(-min(self.max_physical, total) // d)  # rows per device and chunk (global: m * d)
+            k = math.ceil(total / (m * d))
+            slots = np.full((k * m, d), -1, dtype=np.int64)  # row i -> device i % d: real rows spread evenly
+            slots.flat[:n] = np.arange(n)
+            return slots.T.reshape(d, k, m), None
         uniq, inverse = np.unique(batch.units, return_inverse=True)
         if cap is not None and len(uniq) > cap:
             raise TrainerError(f"batch: {len(uniq)} units exceed the plan's max_batch_size {cap}")
-        m = min(self.max_physical, _pow2(max(n, cap or 1)))
         order = np.argsort(inverse, kind="stable")
         groups = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1) if n else []
+        m = min(self.max_physical, _pow2(max(n, cap or 1)))
+        if d > 1:  # per device; a unit never spans devices, so a chunk holds at least the largest unit
+            m = max(-(-m // d), min(self.max_physical, _pow2(max((len(g) for g in groups), default=1))))
         chunks: list[list[np.ndarray]] = []
         size = m
         for g in groups:
@@ -225,23 +279,27 @@ class JaxTrainer:
                 size = 0
             chunks[-1].append(g)
             size += len(g)
-        k = _pow2(max(len(chunks), 1))
-        idx = np.full((k, m), -1, dtype=np.int64)
-        seg = np.zeros((k, m), dtype=np.int32)
+        k = _pow2(max(-(-len(chunks) // d), 1))
+        idx = np.full((k, d, m), -1, dtype=np.int64)  # chunk c -> device c % d, scan step c // d
+        seg = np.zeros((k, d, m), dtype=np.int32)
         for c, gs in enumerate(chunks):
             rows = np.concatenate(gs)
-            idx[c, :len(rows)] = rows
-            seg[c, :len(rows)] = np.repeat(np.arange(len(gs)), [len(g) for g in gs])
-        return idx, seg
+            idx[c // d, c % d, :len(rows)] = rows
+            seg[c // d, c % d, :len(rows)] = np.repeat(np.arange(len(gs)), [len(g) for g in gs])
+        return idx.transpose(1, 0, 2), seg.transpose(1, 0, 2)
 
     def _noise_inputs(self):
         if self.std == 0 or not self.secure:
             state = np.random.SeedSequence([self.dp_seed, 5, self.steps_done]).generate_state(2, np.uint32)
-            return jnp.asarray(state), None
-        return jnp.zeros(2, jnp.uint32), jnp.asarray(secure_normal(self._n_params), jnp.float32)
+            return self._replicate(jnp.asarray(state)), None
+        return self._replicate((jnp.zeros(2, jnp.uint32), jnp.asarray(secure_normal(self._n_params), jnp.float32)))
 
-    def dp_step(self, batch: Batch) -> StepStats:
+    def _device_batch(self, batch: Batch):
+        """(xs, ys, mask, seg | None) on the device(s): (K, M, ...) on one device; with several, (D, K, m, ...)
+        sharded along the leading axis D."""
         idx, seg = self._layout(batch)
+        if self.mesh is None:
+            idx, seg = idx[0], None if seg is None else seg[0]
         safe = np.where(idx >= 0, idx, 0)
         mask = np.where(idx >= 0, batch.row_weights()[safe] if len(batch) else 0.0, 0.0)
         x, y = np.asarray(batch.x), np.asarray(batch.y)
@@ -250,10 +308,17 @@ class JaxTrainer:
         else:  # noise-only step: any finite input, fully masked
             xs = np.zeros((*idx.shape, *self.model.input_shape), self.in_dtype)
             ys = np.zeros(idx.shape, np.int32)
+        if self.mesh is None:
+            return (jnp.asarray(xs, self.in_dtype), jnp.asarray(ys, jnp.int32), jnp.asarray(mask, jnp.float32),
+                    None if seg is None else jnp.asarray(seg))
+        arrays = (np.asarray(xs, self.in_dtype), np.asarray(ys, np.int32), np.asarray(mask, np.float32), seg)
+        return jax.device_put(arrays, NamedSharding(self.mesh, PartitionSpec("data")))
+
+    def dp_step(self, batch: Batch) -> StepStats:
+        xs, ys, mask, seg = self._device_batch(batch)
         key, noise = self._noise_inputs()
-        self.params, self.opt_state, loss = self._step(
-            self.params, self.others, self.opt_state, jnp.asarray(xs, self.in_dtype), jnp.asarray(ys, jnp.int32),
-            jnp.asarray(mask, jnp.float32), None if seg is None else jnp.asarray(seg), key, noise)
+        self.params, self.opt_state, loss = self._step(self.params, self.others, self.opt_state, xs, ys, mask, seg,
+                                                       key, noise)
         self.steps_done += 1
         if self.ema is not None:  # post-processing of the released parameters: no privacy cost
             d = ema_decay_at(self.ema_decay, self.steps_done)
@@ -311,7 +376,8 @@ class JaxTrainer:
         if self.ema is not None:
             if "ema" not in state:
                 raise TrainerError("load_state_dict: the checkpoint has no EMA parameters but training.ema is set")
-            self.ema = self._unflat(state["ema"], self.params, "EMA parameters")
+            self.ema = self._replicate(self._unflat(state["ema"], self.params, "EMA parameters"))
+        self.params, self.others, self.opt_state = self._replicate((self.params, self.others, self.opt_state))
 
     def flat_params(self) -> np.ndarray:
         """All trainable parameters, flattened (``jax.flatten_util.ravel_pytree`` order)."""
