@@ -19,3 +19,15 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     eps, auroc = map(float, capsys.readouterr().out.split()[-2:])
     assert 3.9 < eps <= 4.0 and 0.3 < auroc < 1.0
     assert (tmp_path / "runs" / "actg-eps4" / "record.json").exists()
+
+
+def test_bring_your_own_data_snippets_are_valid_recipe_sections():
+    import yaml
+
+    from dptrain.config import DataConfig
+
+    section = (ROOT / "README.md").read_text().split("## Bring your own data", 1)[1].split("\n## ", 1)[0]
+    docs = [d for block in re.findall(r"```yaml\n(.*?)```", section, flags=re.S) for d in yaml.safe_load_all(block)]
+    assert len(docs) == 3
+    for doc in docs:
+        DataConfig.model_validate(doc["data"])
