@@ -190,9 +190,10 @@ class SynthesisConfig(_Strict):
     label_counts: Literal["dp_histogram", "prior"] = Field(
         "dp_histogram", description="records per label from a DP histogram (accounted) or a declared public prior")
     prior: list[float] | None = Field(None, description="label_counts: prior -- public class weights, one per class")
-    histogram_noise_multiplier: float = Field(20.0, gt=0, description="std of the histogram noise (sensitivity 1)")
-    max_train_records: int | None = Field(None, ge=1, description="train on a seeded random subset of this size "
-                                                                  "(public choice; the guarantee is per record)")
+    histogram_noise_multiplier: float = Field(20.0, gt=0, description="histogram noise std / its L2 sensitivity "
+                                                                      "(sqrt 2: n is public)")
+    max_train_records: int | None = Field(None, ge=1, description="train on about this many records, each kept "
+                                                                  "independently by a keyed hash of its text")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     evaluation: SynthEvaluationConfig = Field(default_factory=SynthEvaluationConfig)
 
@@ -231,6 +232,19 @@ class Recipe(_Strict):
             raise ValueError("model.source: required for causal_lm (e.g. builtin:smollm2-135m)")
         if lm and self.trainer.backend != "opacus":
             raise ValueError("trainer.backend: causal LM fine-tuning runs on the opacus backend; set backend: opacus")
+        if lm:  # options of `dptrain train` that dptrain synth does not implement: refuse, never ignore
+            unsupported = {
+                "data.privacy_unit": self.data.privacy_unit is not None,
+                "privacy.dataset_budget": self.privacy.dataset_budget is not None,
+                "privacy.audit.canaries (synthesis.evaluation.canaries measures exposure instead)":
+                    self.privacy.audit.canaries > 0,
+                "training.augment": self.training.augment != "none", "training.augmult": self.training.augmult > 1,
+                "training.ema": self.training.ema is not None, "data.image": self.data.image is not None,
+            }
+            bad = [k for k, v in unsupported.items() if v]
+            if bad:
+                raise ValueError(f"dptrain synth does not support {', '.join(bad)} yet (the guarantee is per "
+                                 "record); remove them from the recipe")
         return self
 
 

@@ -171,8 +171,9 @@ def fit(trainer, sampler: UnitSampler, plan: PrivacyPlan, ledger: acc.PrivacyLed
     """THE loop with a progress bar, per-epoch metrics and atomic checkpoints (every epoch, and at the end).
 
     The checkpoint holds trainer state, ledger, step, secret dp_seed, metrics and ``state_extra``; it is
-    the single source of truth a resume starts from. ``log_loss=False`` logs no training loss (when the
-    batches hold canaries). ``writer=False`` (data-parallel ranks other than 0): no bar, metrics or files.
+    the single source of truth a resume starts from. The mean training loss is an un-noised statistic of
+    the private batches: it is shown on the progress bar (the data owner's terminal; ``log_loss=False``
+    hides it, e.g. when batches hold canaries) and written to metrics.jsonl only for non-private runs. ``writer=False`` (data-parallel ranks other than 0): no bar, metrics or files.
     Returns the seconds this session trained."""
     k = plan.scheme.steps_per_epoch()
     every = checkpoint_every or k
@@ -194,7 +195,8 @@ def fit(trainer, sampler: UnitSampler, plan: PrivacyPlan, ledger: acc.PrivacyLed
             eps = led.epsilon(plan.delta, quick=True)  # per-epoch upper bound; the record has the final number
             metrics.append({"epoch": round(plan.epochs_done(done), 3), "step": done,
                             "epsilon_upper_bound": eps if math.isfinite(eps) else "inf",
-                            "train_loss_mean": epoch_loss["sum"] / max(epoch_loss["rows"], 1) if log_loss else None})
+                            "train_loss_mean": epoch_loss["sum"] / max(epoch_loss["rows"], 1)
+                            if log_loss and plan.mode == "non_private" else None})
             epoch_loss.update(sum=0.0, rows=0)
         if done % every == 0 or done == plan.steps:
             save(done)

@@ -24,7 +24,8 @@ def _downstream_rows(ds: dict[str, Any]) -> list[str]:
     for key, name in names.items():
         m = ds.get(key)
         if m:
-            rows.append(f"| {name} | {_f(m.get('accuracy'))} | {_f(m.get('auroc'))} | {_f(m.get('n_train', '-'))} |")
+            rows.append(f"| {name} | {_f(m.get('accuracy'))} | {_f(m.get('auroc'))} | {_f(m.get('n_train', '-'))} |"
+                        + (f" skipped: {m['skipped']}" if "skipped" in m else ""))
     return rows
 
 
@@ -58,11 +59,14 @@ def render_datacard(record: dict[str, Any]) -> str:
         "- Public (not protected, not private): the base model, the tokenizer, the prompt template and label "
         "names, the recipe (hyperparameters chosen without looking at this data's results is the user's duty: "
         "hyperparameter search on the private data costs extra privacy, see `dptrain sweep`).",
-        f"- Training used {d['n_train_used']} of {d['n_train_available']} training records (a seeded random "
-        f"subset, a public choice) plus {d['canary_rows']} canary rows (synthetic secrets for the exposure test); "
-        f"{d['num_units']} privacy units in all.",
-        "- Sharp edge: a person with several reports is protected per report, not per person (the source has "
-        "no patient ids).", "",
+        f"- Training used {d['n_train_used']} of {d['n_train_available']} training records"
+        + (" (each kept independently by a keyed hash of its text, so using one record never depends on the "
+           "others)" if d["n_train_used"] < d["n_train_available"] else "")
+        + f" plus {d['canary_rows']} canary rows (synthetic secrets for the exposure test); {d['num_units']} "
+        "privacy units in all. Public: " + p.get("public", "n") + ".",
+        "- Sharp edge: the unit is one record; a person with several records is protected less (group "
+        "privacy).", "- `checkpoint.pt` holds the secret noise seed and the canaries: never publish it; the "
+        "released model is `adapters/` (LoRA weights only).", "",
         "## Model and generation",
         f"- Base model `{m['source']}`; LoRA r={m['lora']['r']}, alpha={m['lora']['alpha']}, modules "
         f"{m['lora']['target_modules']}, layers: {'all' if m['lora']['top_layers'] is None else 'last ' + str(m['lora']['top_layers'])}; "
@@ -70,7 +74,8 @@ def render_datacard(record: dict[str, Any]) -> str:
         "(prompt + text); prefix-LM loss (no loss on the prompt).",
         f"- Sampling: top-k {g['top_k']}, top-p {g['top_p']}, temperature {g['temperature']}, max "
         f"{g['max_new_tokens']} new tokens, seed {g['seed']}.", "",
-        "## Evaluation (on real held-out records: these numbers are NOT covered by the DP guarantee)",
+        "## Evaluation (for the data owner: computed on the real training and held-out records, NOT covered by "
+        "the DP guarantee; do not publish this section with the data)",
         "### Downstream utility (train on X, test on real held-out)",
         *_downstream_rows(ev["downstream"]),
         "", f"Classifier: {ev['downstream']['classifier']}.", "",
@@ -85,17 +90,18 @@ def render_datacard(record: dict[str, Any]) -> str:
     s, r, dist = ev["fidelity"]["synthetic"], ev["fidelity"]["real_heldout"], ev["fidelity"]["distances"]
     lines += [
         "| corpus | mean words | median words | distinct-1 | distinct-2 | vocabulary |", "|---|---|---|---|---|---|",
-        *[f"| {n} | {_f(c['mean_words'], 1)} | {_f(c['median_words'], 1)} | {_f(c['distinct_1'])} | "
-          f"{_f(c['distinct_2'])} | {c['vocab_size']} |" for n, c in (("synthetic", s), ("real held-out", r))],
-        f"- Length KS statistic {_f(dist['ks_length'])}; unigram Jensen-Shannon distance {_f(dist['js_unigram'])}.",
+        *[f"| {n} | {_f(c.get('mean_words'), 1)} | {_f(c.get('median_words'), 1)} | {_f(c.get('distinct_1'))} | "
+          f"{_f(c.get('distinct_2'))} | {_f(c.get('vocab_size'))} |" for n, c in (("synthetic", s), ("real held-out", r))],
+        f"- Length KS statistic {_f(dist.get('ks_length'))}; unigram Jensen-Shannon distance "
+        f"{_f(dist.get('js_unigram'))}.",
         f"- Held-out NLL per token under the fine-tuned model: {_f(ev['heldout_nll_per_token'])} nats"
         + (f" (base model: {_f(ev['heldout_nll_per_token_base'])})" if "heldout_nll_per_token_base" in ev else "")
         + ".", "",
         "### Memorisation",
     ]
     ng = ev["memorisation"]["ngram_overlap"]
-    lines.append(f"- Synthetic records sharing a {ng['n']}-word sequence with a training record: "
-                 f"{_f(ng['train_overlap'])}; with an equally large held-out set: {_f(ng['heldout_overlap'])} "
+    lines.append(f"- Synthetic records sharing a {ng.get('n', '?')}-word sequence with a training record: "
+                 f"{_f(ng.get('train_overlap'))}; with an equally large held-out set: {_f(ng.get('heldout_overlap'))} "
                  "(reports share boilerplate; the excess over held-out is the memorisation signal).")
     if "canaries" in ev:
         c = ev["canaries"]

@@ -13,11 +13,22 @@ from __future__ import annotations
 import numpy as np
 
 import accounting as acc
+from dptrain.trainers.sampler import secure_normal
+
+
+def histogram_event(noise_multiplier: float, relation: str = acc.ADD_OR_REMOVE):
+    """The DP event of ``dp_label_counts`` (known before the counts are drawn, for calibration)."""
+    sens = acc.histogram_sensitivity(relation)
+    return acc.gaussian_release_event(noise_multiplier * sens, sens)
 
 
 def dp_label_counts(labels: np.ndarray, num_classes: int, *, noise_multiplier: float,
-                    relation: str = acc.ADD_OR_REMOVE, rng: np.random.Generator | None = None):
-    """(noisy counts (float, one per class), DP event). Noise std = noise_multiplier x sensitivity."""
+                    relation: str = acc.ADD_OR_REMOVE, rng: np.random.Generator | None = None,
+                    secure: bool = False):
+    """(noisy counts (float, one per class), DP event). Noise std = noise_multiplier x sensitivity.
+
+    ``secure``: noise from the OS CSPRNG (as ``privacy.secure_rng``); else from ``rng`` or a generator
+    seeded from OS entropy."""
     y = np.asarray(labels)
     if y.ndim != 1 or (len(y) and (y.min() < 0 or y.max() >= num_classes)):
         raise ValueError(f"labels: expected class indices in [0, {num_classes}), got shape {y.shape}")
@@ -25,10 +36,13 @@ def dp_label_counts(labels: np.ndarray, num_classes: int, *, noise_multiplier: f
         raise acc.InvalidParameterError("noise_multiplier", noise_multiplier,
                                         "a number > 0 (a histogram without noise would leak the raw counts)")
     sens = acc.histogram_sensitivity(relation)
-    rng = rng or np.random.default_rng(int.from_bytes(np.random.SeedSequence().generate_state(2).tobytes(), "little"))
     counts = np.bincount(y.astype(np.int64), minlength=num_classes).astype(np.float64)
-    noisy = counts + rng.normal(0.0, noise_multiplier * sens, num_classes)
-    return noisy, acc.gaussian_release_event(noise_multiplier * sens, sens)
+    if secure:
+        noise = secure_normal(num_classes)
+    else:
+        rng = rng or np.random.default_rng(int.from_bytes(np.random.SeedSequence().generate_state(2).tobytes(), "little"))
+        noise = rng.normal(0.0, 1.0, num_classes)
+    return counts + noise_multiplier * sens * noise, histogram_event(noise_multiplier, relation)
 
 
 def records_per_label(weights: np.ndarray, total: int) -> np.ndarray:

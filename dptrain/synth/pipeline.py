@@ -60,11 +60,18 @@ def _load(recipe: Recipe):
                      positive_label=d.positive_label, test_fraction=d.test_fraction, seed=recipe.seed)
 
 
-def _subset(n: int, size: int | None, seed: int) -> np.ndarray:
-    """A seeded random subset of record indices (public: depends on the seed and n only)."""
+def _subset(texts: list[str], size: int | None, seed: int) -> np.ndarray:
+    """Indices of a random subset of about ``size`` records: each record is kept independently, by a keyed
+    hash of its own text and the seed with probability size / n, so whether a record is used never depends
+    on the other records (the guarantee then holds with respect to the whole pool, n treated as public)."""
+    import hashlib
+
+    n = len(texts)
     if size is None or size >= n:
         return np.arange(n)
-    return np.sort(np.random.default_rng([seed, 11]).choice(n, size, replace=False))
+    u = np.array([int.from_bytes(hashlib.sha256(f"{seed}\x00{t}".encode()).digest()[:8], "little") / 2.0 ** 64
+                  for t in texts])
+    return np.flatnonzero(u < size / n)
 
 
 def _canaries(recipe: Recipe, classes: list[str]) -> list[dict[str, Any]]:
@@ -86,7 +93,7 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
     """Fine-tune, generate, evaluate; writes synthetic.jsonl, DATACARD.md, record.json (see module doc)."""
     import torch
 
-    from dptrain.synth.histogram import dp_label_counts, records_per_label
+    from dptrain.synth.histogram import dp_label_counts, histogram_event, records_per_label
     from dptrain.synth.lm import PrefixLMTask, add_lora, encode_records, load_causal_lm
     from dptrain.trainers.opacus_backend import OpacusTrainer, resolve_device
 
@@ -112,19 +119,22 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
     config_text = dump_recipe(recipe)
     if resume and (out / "config.yaml").exists() and (out / "config.yaml").read_text() != config_text:
         raise RunError(f"--resume: the recipe differs from {out / 'config.yaml'}; resume with the same recipe")
-    keep = _subset(len(data.texts_train), syn.max_train_records, recipe.seed)
+    keep = _subset(data.texts_train, syn.max_train_records, recipe.seed)
     texts = [data.texts_train[i] for i in keep]
     labels = data.y_train[keep].astype(np.int64)
     state = load_checkpoint(out / CHECKPOINT) if resume and (out / CHECKPOINT).exists() else None
     canaries = json.loads(state["canaries"]) if state else _canaries(recipe, data.classes)
     n_canary_rows = sum(c["repetitions"] for c in canaries)
     num_units = len(texts) + n_canary_rows
-    sens = acc.histogram_sensitivity(acc.ADD_OR_REMOVE)
-    hist_event = None
-    if syn.label_counts == "dp_histogram":
-        hist_event = acc.gaussian_release_event(syn.histogram_noise_multiplier * sens, sens)
+    # the number of units is public (as q = B/n is): the histogram is charged at the replace-one sensitivity
+    # sqrt(2), so it stays DP when n is known (the add/remove sensitivity 1 would not)
+    hist_event = (histogram_event(syn.histogram_noise_multiplier, acc.REPLACE_ONE)
+                  if syn.label_counts == "dp_histogram" else None)
     plan = PrivacyPlan.from_recipe(recipe, num_units, "example",
                                    releases=(("label_histogram", hist_event),) if hist_event else ())
+    if plan.mode == "dp" and plan.target_epsilon is not None and plan.planned_ledger().epsilon(plan.delta) > \
+            plan.target_epsilon:  # calibration guarantees this never happens; check anyway
+        raise RunError("plan: planned epsilon exceeds the target; refusing")
     model, tok = load_causal_lm(recipe.model.source)
     lm = recipe.model
     try:
@@ -134,6 +144,11 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
         raise TrainerError(f"model.lora: {err}") from None
     lora.to(resolve_device(recipe.trainer.device))
     prompts = {c: syn.prompt.format(label=c) for c in data.classes}
+    for c in canaries:  # exposure scores whole canaries: they must fit untruncated
+        need = len(tok(prompts[data.classes[c["label"]]] + c["text"], add_special_tokens=False)["input_ids"]) + 1
+        if need > lm.max_length:
+            raise RunError(f"model.max_length: {lm.max_length} tokens cannot hold a canary with its prompt ({need}); "
+                           "raise model.max_length or shorten synthesis.prompt")
     all_texts = texts + [c["text"] for c in canaries for _ in range(c["repetitions"])]
     all_labels = np.concatenate([labels, np.array([c["label"] for c in canaries for _ in range(c["repetitions"])],
                                                   np.int64)])
@@ -153,7 +168,8 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
         ledger, start = plan.new_ledger(run=out.name, recipe=recipe.name), 0
         noisy = None
         if hist_event is not None:
-            noisy, event = dp_label_counts(labels, len(data.classes), noise_multiplier=syn.histogram_noise_multiplier)
+            noisy, event = dp_label_counts(labels, len(data.classes), noise_multiplier=syn.histogram_noise_multiplier,
+                                           relation=acc.REPLACE_ONE, secure=recipe.privacy.secure_rng)
             ledger.compose(event, label="label_histogram")
         atomic_write_bytes(out / "config.yaml", config_text.encode())
         atomic_write_bytes(out / "run_id", f"{out.name}-{uuid.uuid4().hex[:12]}".encode())
@@ -199,15 +215,22 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
     gen_seconds = time.time() - t1
     atomic_write_bytes(out / SYNTHETIC, "".join(json.dumps(r) + "\n" for r in records).encode())
 
-    # ---- evaluate (uses real held-out data: not covered by the guarantee) ----
+    # the released model: LoRA adapters only (checkpoint.pt also holds the secret noise seed: never publish it)
+    model_out.save_pretrained(out / "adapters")
+
+    # ---- evaluate (uses the real training and held-out records: not covered by the guarantee) ----
     from dptrain.run import privacy_statement
 
     statement = privacy_statement(plan, ledger, recipe)
+    sens = acc.histogram_sensitivity(acc.REPLACE_ONE)
     statement["releases"] = {"label_histogram": None if hist_event is None else {
         "noise_std": syn.histogram_noise_multiplier * sens, "l2_sensitivity": sens}}
-    statement["covers"] = ("the training records (one report = one unit) for everything released: adapters, "
-                           "synthetic.jsonl, noisy label counts; NOT the evaluation numbers, which use real "
-                           "held-out records")
+    statement["public"] = ("the number of training records (n; q = B/n as in all DP-SGD accounting), the base "
+                           "model, tokenizer, prompt template and label names, the recipe")
+    statement["covers"] = ("the training records (one record = one unit) for what is meant for release: "
+                           "synthetic.jsonl, adapters/, the noisy label counts. NOT covered: the evaluation "
+                           "(computed on the real training and held-out records, including a separate DP "
+                           "classifier run) and checkpoint.pt (it holds the secret noise seed); keep both private")
     t2 = time.time()
     evaluation = evaluate_synthetic(recipe, data, texts, labels, records, canaries, model_out, tok, prompts,
                                     statement, progress=progress)
@@ -229,7 +252,8 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
         "metrics": metrics,
         "timing_seconds": {"training_this_session": round(train_seconds, 1), "generation": round(gen_seconds, 1),
                            "evaluation": round(time.time() - t2, 1)},
-        "files": {"synthetic": SYNTHETIC, "datacard": DATACARD, "ledger": "ledger.json"},
+        "files": {"synthetic": SYNTHETIC, "datacard": DATACARD, "ledger": "ledger.json", "adapters": "adapters/",
+                  "private": ["checkpoint.pt (secret noise seed, canaries)"]},
         "run_id": _read_run_id(out),
         "versions": _versions(),
     }
@@ -256,9 +280,20 @@ class _bar:
         self.bar.close()
 
 
+def _safe(fn, *args, **kwargs) -> dict[str, Any]:
+    """A metric, or ``{"skipped": why}`` when the synthetic text cannot support it (e.g. no words at all)."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as err:
+        return {"skipped": str(err)}
+
+
 def evaluate_synthetic(recipe: Recipe, data, train_texts: list[str], train_y: np.ndarray, records, canaries,
                        model, tok, prompts: dict[str, str], statement: dict[str, Any], *, progress: bool = True):
-    """Downstream utility, fidelity, memorisation and canary exposure of the synthetic records."""
+    """Downstream utility, fidelity, memorisation and canary exposure of the synthetic records.
+
+    Uses the real training and held-out records: the result is for the data owner, not covered by the DP
+    guarantee. A metric the synthetic text cannot support is recorded as skipped, never a crash."""
     from dptrain.synth import evaluate as ev
 
     cfg = recipe.synthesis.evaluation
@@ -267,10 +302,12 @@ def evaluate_synthetic(recipe: Recipe, data, train_texts: list[str], train_y: np
     syn_y = np.array([classes.index(r["label"]) for r in records], np.int64)
     out: dict[str, Any] = {"covered_by_dp": False}
     out["downstream"] = {
-        "synthetic": ev.downstream(syn_texts, syn_y, data.texts_test, data.y_test, seed=recipe.seed),
+        "synthetic": _safe(ev.downstream, syn_texts, syn_y, data.texts_test, data.y_test, seed=recipe.seed),
         "real_non_private": ev.downstream(train_texts, train_y, data.texts_test, data.y_test, seed=recipe.seed),
         "classifier": "TF-IDF (1-2 grams, fitted on the classifier's training texts) + logistic regression; "
-                      "tested on the real held-out split",
+                      "tested on the real held-out split. real_dp: the same task by DP-SGD logistic regression on "
+                      "hashed features of the real training records at the same epsilon -- a separate DP run "
+                      "whose cost is not in this run's ledger (a reference, not for release)",
     }
     eps = statement["epsilon"]
     if cfg.dp_baseline and eps != "inf":
@@ -282,15 +319,16 @@ def evaluate_synthetic(recipe: Recipe, data, train_texts: list[str], train_y: np
     real_fid = [data.texts_test[i] for i in np.sort(rng.choice(len(data.texts_test), n_fid, replace=False))]
     try:
         encoder = ev.load_sentence_encoder()
-        pr = ev.knn_precision_recall(encoder(real_fid), encoder(syn_texts), k=5)
+        pr = _safe(ev.knn_precision_recall, encoder(real_fid), encoder(syn_texts), k=5)
     except (ValueError, ImportError) as err:
         pr = {"skipped": str(err)}
-    out["fidelity"] = {"knn_precision_recall_minilm": pr, "synthetic": ev.text_stats(syn_texts),
-                       "real_heldout": ev.text_stats(real_fid), "distances": ev.distribution_distances(syn_texts, real_fid)}
+    out["fidelity"] = {"knn_precision_recall_minilm": pr, "synthetic": _safe(ev.text_stats, syn_texts),
+                       "real_heldout": ev.text_stats(real_fid),
+                       "distances": _safe(ev.distribution_distances, syn_texts, real_fid)}
     n_mem = min(len(train_texts), len(data.texts_test))
     tr = [train_texts[i] for i in np.sort(rng.choice(len(train_texts), n_mem, replace=False))]
     ho = [data.texts_test[i] for i in np.sort(rng.choice(len(data.texts_test), n_mem, replace=False))]
-    out["memorisation"] = {"ngram_overlap": ev.ngram_overlap(syn_texts, tr, ho, n=cfg.ngram)}
+    out["memorisation"] = {"ngram_overlap": _safe(ev.ngram_overlap, syn_texts, tr, ho, n=cfg.ngram)}
     n_nll = min(64, cfg.fidelity_records)
     out["heldout_nll_per_token"] = _heldout_nll(model, tok, prompts, classes, data, recipe.seed, recipe.model.max_length,
                                                 n_nll)
@@ -304,7 +342,7 @@ def evaluate_synthetic(recipe: Recipe, data, train_texts: list[str], train_y: np
     return out
 
 
-def _heldout_nll(model, tok, prompts, classes, data, seed: int, max_length: int, n: int = 64) -> float:
+def _heldout_nll(model, tok, prompts, classes, data, seed: int, max_length: int, n: int = 64) -> float | None:
     """Mean NLL per text token of ``n`` real held-out records (those that fit max_length) under ``model`` (nats)."""
     from dptrain.synth.evaluate import sequence_nll
 
@@ -315,6 +353,8 @@ def _heldout_nll(model, tok, prompts, classes, data, seed: int, max_length: int,
     idx = [int(i) for i in np.random.default_rng([seed, 29]).permutation(len(data.texts_test)) if fits(int(i))][:n]
     ps = [prompts[classes[data.y_test[i]]] for i in idx]
     ts = [data.texts_test[i] for i in idx]
+    if not idx:
+        return None  # no held-out record fits max_length
     n_tok = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in ts)  # text + eos
     nll = sequence_nll(model, tok, ps, ts, max_length=max_length, batch_size=16)
     return float(nll.sum() / max(n_tok, 1))

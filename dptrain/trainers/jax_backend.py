@@ -77,16 +77,9 @@ from dptrain.config import OptimizerConfig
 from dptrain.trainers import fast_clip
 from dptrain.trainers.base import Batch, StepStats, TrainerError, ema_decay_at
 from dptrain.trainers.plan import PrivacyPlan
-from dptrain.trainers.sampler import secure_uniform
+from dptrain.trainers.sampler import secure_normal
 
 _CLIPPING = {"auto": "auto", "vmap": "vmap", "hooks": "auto", "ghost": "auto"}  # Opacus names accepted
-
-
-def secure_normal(n: int) -> np.ndarray:
-    """n standard Gaussians from os.urandom: Box-Muller, 4 draws summed and halved (std 1)."""
-    u = secure_uniform(8 * n).reshape(4, 2, n) + 0.5 / (1 << 53)  # in (0, 1): log is finite
-    z = np.sqrt(-2.0 * np.log(u[:, 0])) * np.cos(2.0 * np.pi * u[:, 1])
-    return z.sum(0) / 2.0
 
 
 def _pow2(n: int) -> int:
@@ -201,6 +194,9 @@ class JaxTrainer:
         self.opt_cfg, self.clipping = optimizer, _CLIPPING[clipping]
         self.max_physical, self.secure = int(max_physical_batch_size), secure_rng
         self.steps_done = 0
+        if jax.process_count() > 1:
+            raise TrainerError(f"trainer.backend: jax with {jax.process_count()} processes would train one model per "
+                               "process; the JAX backend is data-parallel over one process's local devices only")
         devices = jax.local_devices()
         self.num_devices = len(devices)  # how many devices train (data parallel); the run record may report it
         self.mesh = Mesh(np.array(devices), ("data",)) if self.num_devices > 1 else None

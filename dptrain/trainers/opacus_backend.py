@@ -25,7 +25,6 @@ all-reduced and the identical noise is added once, in ``add_noise``; the step eq
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import numpy as np
@@ -42,6 +41,7 @@ from dptrain.config import OptimizerConfig
 from dptrain.trainers.base import Batch, StepStats, TrainerError, ema_decay_at
 from dptrain.trainers.distributed import LOCAL, Distributed
 from dptrain.trainers.plan import PrivacyPlan
+from dptrain.trainers.sampler import secure_normal
 
 # Opacus's hooks fire on module outputs when inputs need no grad; harmless and expected here.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -50,10 +50,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing", catego
 def secure_gaussian(shape: torch.Size, std: float, dtype: torch.dtype) -> torch.Tensor:
     """Gaussian noise from os.urandom via Box-Muller, summed 4x and halved (same std)."""
     n = int(np.prod(shape)) if len(shape) else 1
-    raw = np.frombuffer(os.urandom(16 * 4 * n), dtype=np.uint64).reshape(4, 2, n)
-    u = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
-    z = np.sqrt(-2.0 * np.log(u[:, 0])) * np.cos(2.0 * np.pi * u[:, 1])
-    return torch.from_numpy(z.sum(0) / 2.0 * std).reshape(shape).to(dtype)
+    return torch.from_numpy(secure_normal(n) * std).reshape(shape).to(dtype)
 
 
 class _OurNoise:

@@ -24,6 +24,14 @@ def secure_uniform(n: int) -> np.ndarray:
     return (raw >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def secure_normal(n: int) -> np.ndarray:
+    """n standard Gaussians from os.urandom: Box-Muller, 4 draws summed and halved (std 1; Opacus's
+    floating-point attack mitigation)."""
+    u = secure_uniform(8 * n).reshape(4, 2, n) + 0.5 / (1 << 53)  # in (0, 1): log is finite
+    z = np.sqrt(-2.0 * np.log(u[:, 0])) * np.cos(2.0 * np.pi * u[:, 1])
+    return z.sum(0) / 2.0
+
+
 class UnitSampler:
     def __init__(self, units: np.ndarray, num_units: int, scheme: acc.SamplingScheme, *, dp_seed: int,
                  secure: bool = False):

@@ -78,7 +78,8 @@ def test_synth_end_to_end(tiny, corpus, tmp_path):
     recipe = _recipe(tiny, corpus)
     out = tmp_path / "run"
     rec = synthesize(recipe, out, progress=False).record
-    for f in ("synthetic.jsonl", "DATACARD.md", "record.json", "ledger.json", "config.yaml", "checkpoint.pt"):
+    for f in ("synthetic.jsonl", "DATACARD.md", "record.json", "ledger.json", "config.yaml", "checkpoint.pt",
+              "adapters/adapter_model.safetensors"):
         assert (out / f).exists(), f
     lines = [json.loads(x) for x in (out / "synthetic.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and {r["label"] for r in lines} <= {"normal", "abnormal"}
@@ -91,7 +92,8 @@ def test_synth_end_to_end(tiny, corpus, tmp_path):
     n_units = rec["data"]["num_units"]
     assert n_units == 120 + 1 + 3  # 120 training records + canaries inserted 1x and 3x
     independent = acc.PrivacyLedger(relation="add_or_remove")
-    independent.compose(acc.gaussian_release_event(5.0, 1.0), label="label_histogram")
+    # n is public, so the histogram is charged at the replace-one sensitivity sqrt(2)
+    independent.compose(acc.gaussian_release_event(5.0 * 2 ** 0.5, 2 ** 0.5), label="label_histogram")
     independent.compose(acc.PoissonSampling(16 / n_units).step_event(p["noise_multiplier"]), p["steps"])
     assert p["epsilon"] == pytest.approx(independent.epsilon(p["delta"]), rel=1e-9)
     assert p["epsilon"] <= 8.0
@@ -110,6 +112,8 @@ def test_synth_end_to_end(tiny, corpus, tmp_path):
     assert 0 <= ev["memorisation"]["ngram_overlap"]["train_overlap"] <= 1
     card = (out / "DATACARD.md").read_text()
     assert f"{p['epsilon']:.4f}" in card and "NOT covered by the DP guarantee" in card
+    assert "never publish" in card and "train_loss_mean" not in json.dumps(rec["privacy"])
+    assert all(m["train_loss_mean"] is None for m in rec["metrics"])  # an un-noised statistic: never written
 
     # the histogram is paid for: without it (public prior) the same target needs less noise
     from dptrain.trainers.plan import PrivacyPlan
@@ -203,3 +207,35 @@ def test_lm_task_clipped_update_equals_brute_force_per_record(tiny):
     # float32 parameters: the update (~1e-4) is read back by subtraction, so compare as vectors
     assert torch.linalg.vector_norm(got - want) < 1e-3 * torch.linalg.vector_norm(want)
     assert set(trainer.state_dict()["model"]) == {k for k in lora.state_dict() if "lora_" in k}
+
+
+def test_subset_keeps_each_record_independently_of_the_others():
+    from dptrain.synth.pipeline import _subset
+
+    texts = [f"report number {i}" for i in range(2000)]
+    keep = set(_subset(texts, 500, seed=3))
+    assert 400 < len(keep) < 600
+    # removing one record never changes whether another is used (beyond the public rate size/n)
+    without = [t for i, t in enumerate(texts) if i != 7]
+    kept_texts = {texts[i] for i in keep} - {texts[7]}
+    again = {without[i] for i in _subset(without, 500 * 1999 / 2000, seed=3)}
+    assert again == kept_texts
+    assert list(_subset(texts, None, seed=3)) == list(range(2000))
+
+
+def test_unsupported_train_options_are_refused_not_ignored(tiny, corpus):
+    for key, value in [("data.privacy_unit", "patient"), ("privacy.dataset_budget", 10.0), ("training.ema", 0.9)]:
+        with pytest.raises(RecipeError, match="dptrain synth does not support " + key.replace(".", r"\.")):
+            _recipe(tiny, corpus, **{key: value})
+
+
+def test_unusable_generations_are_recorded_as_skipped_not_a_crash(tiny, corpus, tmp_path, monkeypatch):
+    from dptrain.synth import lm, pipeline
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(lm, "generate", lambda model, tok, prompt, n, **k: [""] * n)
+    recipe = _recipe(tiny, corpus, **{"synthesis.evaluation.canaries": 0, "synthesis.evaluation.dp_baseline": False})
+    rec = pipeline.synthesize(recipe, tmp_path / "run", progress=False).record
+    ev = rec["evaluation"]
+    assert "skipped" in ev["downstream"]["synthetic"] and "skipped" in ev["fidelity"]["distances"]
+    assert (tmp_path / "run" / "DATACARD.md").exists()
