@@ -239,3 +239,33 @@ def test_unusable_generations_are_recorded_as_skipped_not_a_crash(tiny, corpus, 
     ev = rec["evaluation"]
     assert "skipped" in ev["downstream"]["synthetic"] and "skipped" in ev["fidelity"]["distances"]
     assert (tmp_path / "run" / "DATACARD.md").exists()
+
+
+def test_resume_mid_training_keeps_the_histogram_and_the_steps(tiny, corpus, tmp_path, monkeypatch):
+    from dptrain.synth import pipeline
+    from dptrain.trainers.opacus_backend import OpacusTrainer
+
+    torch.set_num_threads(1)
+    recipe = _recipe(tiny, corpus, **{"synthesis.evaluation.canaries": 0, "synthesis.evaluation.dp_baseline": False,
+                                      "training.epochs": 3})
+    out = tmp_path / "run"
+    real_step, calls = OpacusTrainer.dp_step, {"n": 0}
+
+    def crash_after_an_epoch(self, batch):
+        calls["n"] += 1
+        if calls["n"] > 10:  # an epoch is 8 steps (120 units / 16): a checkpoint exists
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(OpacusTrainer, "dp_step", crash_after_an_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.synthesize(recipe, out, progress=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    saved_counts, saved_step = json.loads(state["noisy_label_counts"]), int(state["step"])
+    assert 0 < saved_step < 23
+    monkeypatch.undo()
+    rec = pipeline.synthesize(recipe, out, resume=True, progress=False).record
+    led = acc.PrivacyLedger.load(out / "ledger.json")
+    assert led.count("label_histogram") == 1 and led.steps == rec["privacy"]["steps"] == rec["privacy"]["planned_steps"]
+    assert list(rec["label_counts"]["noisy_counts"].values()) == saved_counts  # never redrawn
+    assert rec["privacy"]["epsilon"] == pytest.approx(rec["privacy"]["epsilon_recomputed_from_plan"], rel=1e-9)
