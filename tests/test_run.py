@@ -92,7 +92,7 @@ def test_metrics_are_per_epoch_aggregates_only(dp_run):
     assert 1 <= len(rows) <= math.ceil(steps * per_epoch) + 1 < steps
     for row in rows:
         assert set(row) == METRIC_KEYS, row
-        assert all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in row.values())
+        assert all(v is None or isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in row.values())
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows) and rows[-1]["step"] == steps
     eps = [r["epsilon_upper_bound"] for r in rows]
     assert eps == sorted(eps) and eps[-1] >= result.record["privacy"]["epsilon"]  # an upper bound

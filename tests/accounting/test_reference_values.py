@@ -474,7 +474,7 @@ def test_coarse_pld_discretisation_is_conservative(scheme, sigma, steps):
     assert coarse >= fine
 
 
-@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+@pytest.mark.parametrize("accountant", [pytest.param("pld", marks=pytest.mark.slow), "rdp"])  # PLD: ~20 s
 def test_calibration_with_extra_release_covers_both(accountant):
     """A DP histogram released before training: the target covers histogram + run, and stays tight."""
     scheme, steps, target, delta = PoissonSampling(0.03), 60, 4.0, 1e-5

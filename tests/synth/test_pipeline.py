@@ -241,6 +241,7 @@ def test_unusable_generations_are_recorded_as_skipped_not_a_crash(tiny, corpus, 
     assert (tmp_path / "run" / "DATACARD.md").exists()
 
 
+@pytest.mark.slow  # ~30 s; the crash-in-generation resume test covers the histogram in the default suite
 def test_resume_mid_training_keeps_the_histogram_and_the_steps(tiny, corpus, tmp_path, monkeypatch):
     from dptrain.synth import pipeline
     from dptrain.trainers.opacus_backend import OpacusTrainer
