@@ -4,7 +4,7 @@ Framework-agnostic by design: imports only numpy, scipy, dp_accounting and the s
 """
 
 from .accountants import ACCOUNTANTS, DEFAULT_PLD_DISCRETIZATION
-from .budget import DatasetBudget
+from .budget import DatasetBudget, budget_home, budget_path, reserve_run
 from .calibrate import calibrate_noise_multiplier, calibrate_steps, poisson_from_epochs
 from .errors import (
     BudgetExceededError,
@@ -37,7 +37,7 @@ __all__ = [
     "BudgetExceededError", "DatasetBudget", "FixedSizeSampling", "InvalidParameterError", "LedgerFormatError",
     "PoissonSampling", "PrivacyError", "PrivacyLedger", "SamplingScheme", "ShuffledEpochs",
     "TruncatedPoissonSampling", "UnreachableTargetError", "UnsupportedAccountantError",
-    "calibrate_noise_multiplier", "calibrate_steps", "event_from_dict", "event_to_dict",
-    "gaussian_release_event", "histogram_sensitivity", "poisson_from_epochs", "repeat_and_select",
-    "run_events", "software_versions",
+    "budget_home", "budget_path", "calibrate_noise_multiplier", "calibrate_steps", "event_from_dict",
+    "event_to_dict", "gaussian_release_event", "histogram_sensitivity", "poisson_from_epochs", "repeat_and_select",
+    "reserve_run", "run_events", "software_versions",
 ]

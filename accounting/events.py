@@ -12,9 +12,12 @@ Formal guarantees (noise multiplier sigma = noise std / clipping norm C, per-uni
 * ``FixedSizeSampling``: uniform subsets of exactly ``batch_size`` without replacement; replace-one
   relation, under which the clipped sum has sensitivity 2C, so the event's Gaussian has sigma / 2.
   RDP accountant only.
-* ``ShuffledEpochs``: a fresh random partition into batches every epoch. No amplification is claimed:
-  under replace-one each unit is in exactly one batch per epoch, so one epoch is one Gaussian mechanism
-  with sensitivity 2C. The whole epoch is charged at its first step (stopping mid-epoch is never cheaper).
+* ``ShuffledEpochs``: every epoch each unit joins exactly one of k = ceil(n / B) batches, chosen
+  uniformly and independently of the other units (so adding or removing a unit changes one batch and
+  nothing else). No amplification is claimed: under add/remove each unit is in exactly one batch per
+  epoch, so one epoch is one Gaussian mechanism with sensitivity C (parallel composition over the
+  batches). The whole epoch is charged at its first step (stopping mid-epoch is never cheaper). ``n`` is
+  the public (declared or DP-estimated) size; batch sizes vary around B.
 
 Sharp edge: never account shuffled batches as Poisson; that under-states epsilon.
 """
@@ -152,12 +155,13 @@ class FixedSizeSampling:
 
 @dataclass(frozen=True)
 class ShuffledEpochs:
-    """A random partition into batches each epoch; no amplification; charged per epoch at its first step."""
+    """Each unit joins one of ``steps_per_epoch()`` batches per epoch, uniformly and independently;
+    add/remove; no amplification: one Gaussian (sensitivity C) per epoch, charged at its first step."""
 
     dataset_size: int
     batch_size: int
     name: ClassVar[str] = "shuffled"
-    relation: ClassVar[str] = REPLACE_ONE
+    relation: ClassVar[str] = ADD_OR_REMOVE
 
     def __post_init__(self):
         check_positive_int(self.dataset_size, "dataset_size")
@@ -178,7 +182,7 @@ class ShuffledEpochs:
             return dpa.NoOpDpEvent()
         if sigma == 0:
             return dpa.NonPrivateDpEvent()
-        return dpa.GaussianDpEvent(sigma / 2)
+        return dpa.GaussianDpEvent(sigma)  # add/remove: the clipped sum of one batch moves by at most C
 
 
 SamplingScheme = PoissonSampling | TruncatedPoissonSampling | FixedSizeSampling | ShuffledEpochs

@@ -95,25 +95,37 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _statement_line(p: dict) -> str:
+    eps = p["epsilon"] if isinstance(p["epsilon"], str) else round(p["epsilon"], 4)
+    return (f"privacy: ({eps}, {p['delta']:g})-DP per {p['privacy_unit']}, add/remove [{p['accountant']}, "
+            f"{p['sampling']} q={p['sampling_rate']:.4g}, sigma={p['noise_multiplier']:.4g}, C={p['clipping_norm']}, "
+            f"{p['steps']} steps; units: {p['units']['source']}]")
+
+
 def _cmd_train(args) -> int:
     from dptrain.config import load_recipe
     from dptrain.run import train
 
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or f"runs/{recipe.name}"
-    result = train(recipe, out, resume=args.resume, progress=not args.quiet)
+    result = train(recipe, out, resume=args.resume, progress=not args.quiet, keep_checkpoint=args.keep_checkpoint)
     if int(os.environ.get("RANK", "0")) > 0:  # data-parallel: rank 0 reports (and owns the run directory)
         return 0
     rec = result.record
     p, m = rec["privacy"], rec["metrics"]["test"]
-    print(f"run directory: {result.out_dir}")
+    print(f"run directory: {result.out_dir}  (publishable: release/; keep in-house: private/)")
     if "warning" in p:
         print(f"WARNING: {p['warning']}")
-    print(f"privacy: ({p['epsilon'] if isinstance(p['epsilon'], str) else round(p['epsilon'], 4)}, {p['delta']:g})-DP"
-          f" per {p['privacy_unit']} [{p['accountant']}, {p['sampling']} q={p['sampling_rate']:.4g}, "
-          f"sigma={p['noise_multiplier']:.4g}, C={p['clipping_norm']}, {p['steps']} steps]")
-    print("test: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
-    return _print_audit(json.loads((result.out_dir / "audit.json").read_text()), result.out_dir)
+    print(_statement_line(p))
+    print("test (private): " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    _print_kept(rec, result.out_dir)
+    return _print_audit(rec["audit"], result.out_dir)
+
+
+def _print_kept(rec: dict, out) -> None:
+    if rec.get("checkpoint_kept"):
+        print(f"WARNING: {out}/private/checkpoint.pt was kept and holds the SECRET DP SEED: never copy it out; "
+              "delete it when you no longer need to resume", file=sys.stderr)
 
 
 def _cmd_synth(args) -> int:
@@ -122,32 +134,33 @@ def _cmd_synth(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or f"runs/{recipe.name}"
-    rec = synthesize(recipe, out, resume=args.resume, progress=not args.quiet).record
+    rec = synthesize(recipe, out, resume=args.resume, progress=not args.quiet,
+                     keep_checkpoint=args.keep_checkpoint).record
     p, ev = rec["privacy"], rec["evaluation"]
     fmt = lambda v: "n/a" if v is None else (v if isinstance(v, str) else f"{v:.4g}")  # noqa: E731
-    print(f"run directory: {out} (synthetic.jsonl, DATACARD.md, record.json)")
+    print(f"run directory: {out}  (publishable: release/ synthetic.jsonl, DATACARD.md, adapters/; keep in-house: "
+          "private/ evaluation.md, record.json)")
     if "warning" in p:
         print(f"WARNING: {p['warning']}")
-    print(f"privacy: ({fmt(p['epsilon'])}, {p['delta']:g})-DP per record [{p['accountant']}; {p['steps']} DP-SGD "
-          f"steps, sigma={p['noise_multiplier']:.4g}, q={p['sampling_rate']:.4g}, C={p['clipping_norm']}"
-          + ("; + DP label histogram" if rec["label_counts"]["mode"] == "dp_histogram" else "") + "]")
+    print(_statement_line(p) + (" + DP label histogram" if rec["label_counts"]["mode"] == "dp_histogram" else ""))
     print(f"generated {sum(rec['label_counts']['generated'].values())} records: {rec['label_counts']['generated']}")
     ds = ev["downstream"]
-    print("downstream accuracy / AUROC on real held-out: "
+    print("evaluation (private) downstream accuracy / AUROC on real held-out: "
           + ", ".join(f"{k} {fmt(v['accuracy'])} / {fmt(v['auroc'])}" for k, v in ds.items() if isinstance(v, dict)))
     if "canaries" in ev:
         print("canary exposure (bits): " + ", ".join(f"{r}x {v['mean_exposure_bits']:.2f}"
                                                      for r, v in ev["canaries"]["by_repetitions"].items()))
+    _print_kept(rec, out)
     return 0
 
 
 def _print_audit(a: dict, out) -> int:
-    """Print an audit; returns 3 on a violation (loud), else 0."""
+    """Print an audit summary (canaries only: the loss attack stays in private/audit.json); returns 3 on a
+    violation (loud), else 0."""
     fmt = lambda v: "n/a" if v is None else (v if isinstance(v, str) else f"{v:.4f}")  # noqa: E731
-    print(f"audit ({out}/audit.json): claimed epsilon {fmt(a['claimed_epsilon'])}, empirical lower bound "
+    print(f"audit ({out}/private/audit.json): claimed epsilon {fmt(a['claimed_epsilon'])}, empirical lower bound "
           f"{fmt(a['epsilon_lower_bound'])} at {a['confidence']:.0%} confidence (max certifiable "
-          f"{fmt(a['max_certifiable_epsilon'])}), canary AUC {fmt(a['canary_auc'])}, loss-attack AUC "
-          f"{fmt(a['loss_attack']['auc'])} (train vs held-out)")
+          f"{fmt(a['max_certifiable_epsilon'])}), canary AUC {fmt(a['canary_auc'])}")
     if a["status"] == "VIOLATION":
         bar = "!" * 100
         print(f"{bar}\n{a['message']}\n{bar}", file=sys.stderr)
@@ -159,6 +172,22 @@ def _cmd_audit(args) -> int:
     from dptrain.run import audit_run
 
     return _print_audit(audit_run(args.run_dir), args.run_dir)
+
+
+def _cmd_predict(args) -> int:
+    from dptrain.release import predict
+
+    path = predict(args.run_dir, args.data, args.out)
+    print(f"scores: {path}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from dptrain.release import export_onnx
+
+    out = args.out or str(__import__("pathlib").Path(args.run_dir) / "release" / "model.onnx")
+    print(f"exported: {export_onnx(args.run_dir, out)}")
+    return 0
 
 
 def _cmd_sweep(args) -> int:
@@ -246,26 +275,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_calibrate)
 
     t = sub.add_parser("train", help="train one run from a recipe",
-                       description="Train a model with DP from a YAML recipe and write a run directory "
-                                   "(config.yaml, ledger.json, metrics.jsonl, checkpoint, predictions.parquet, "
-                                   "record.json).")
+                       description="Train a model with DP from a YAML recipe and write a run directory: "
+                                   "release/ (model.safetensors + model.json, privacy.json, ledger.json, config.yaml: "
+                                   "publishable) and private/ (record.json with test metrics, predictions.parquet, "
+                                   "audit.json, canaries: keep in-house).")
     _run_options(t, "recipes/actg175-mlp.yaml", "privacy.epsilon=2")
     t.set_defaults(func=_cmd_train)
 
     sy = sub.add_parser("synth", help="DP fine-tune a language model and release synthetic text",
                         description="Fine-tune LoRA adapters of a causal LM with DP on labelled texts, generate "
-                                    "label-conditioned synthetic records and evaluate them; writes synthetic.jsonl, "
-                                    "DATACARD.md and record.json.",
+                                    "label-conditioned synthetic records and evaluate them; writes release/ (synthetic.jsonl, "
+                                    "DATACARD.md, adapters/, privacy.json) and private/ (evaluation.md, record.json).",
                         epilog="example:\n  dptrain synth recipes/iu-xray-reports-synth.yaml --set privacy.epsilon=4",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _run_options(sy, "recipes/iu-xray-reports-synth.yaml", "synthesis.records=500")
     sy.set_defaults(func=_cmd_synth)
 
     au = sub.add_parser("audit", help="empirical privacy audit of a finished run (canaries + membership inference)",
-                        description="Recompute the run's audit from its checkpoint and canaries; write audit.json. "
+                        description="Recompute the run's audit from its released model and private canaries; "
+                                    "write private/audit.json. "
                                     "Exit status 3 if the empirical lower bound exceeds the claimed epsilon.")
     au.add_argument("run_dir", help="a run directory (the --out of dptrain train)")
     au.set_defaults(func=_cmd_audit)
+
+    pr = sub.add_parser("predict", help="apply a run's released model to new records",
+                        description="Score new records with RUN_DIR/release/ (model.safetensors + model.json), "
+                                    "applying the same declared preprocessing; writes a CSV with one row per record.",
+                        epilog="example:\n  dptrain predict runs/actg-eps8 --data new_patients.csv --out scores.csv",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("run_dir", help="a finished run directory (the --out of dptrain train)")
+    pr.add_argument("--data", required=True, help="a CSV/Parquet table (or, for image models, a manifest CSV)")
+    pr.add_argument("--out", required=True, help="where to write the scores CSV")
+    pr.set_defaults(func=_cmd_predict)
+
+    ex = sub.add_parser("export", help="export a run's released model (ONNX)",
+                        description="Export RUN_DIR/release/ to ONNX (default RUN_DIR/release/model.onnx).")
+    ex.add_argument("run_dir", help="a finished run directory (the --out of dptrain train)")
+    ex.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    ex.add_argument("--out", help="output file (default RUN_DIR/release/model.onnx)")
+    ex.set_defaults(func=_cmd_export)
 
     sw = sub.add_parser(
         "sweep", help="train a recipe over epsilon x seed and write a privacy-utility-fairness report",
@@ -307,6 +355,8 @@ def _run_options(p: argparse.ArgumentParser, example_recipe: str, example_set: s
     p.add_argument("--out", help="run directory (default runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep private/checkpoint.pt after the run (it holds the SECRET DP seed; default: removed)")
 
 
 def _report_options(p: argparse.ArgumentParser, threshold_default: float | None) -> None:
@@ -338,6 +388,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
         from dptrain.trainers.base import TrainerError
 
         errors += [DataError, RunError, CheckpointError, TrainerError]
+        from dptrain.release import ReleaseError
+
+        errors += [ReleaseError]
         from dptrain.report import ReportError, SweepError
 
         errors += [ReportError, SweepError]

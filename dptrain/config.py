@@ -49,10 +49,26 @@ class DataConfig(_Strict):
     sensitive: list[str] | None = Field(None, description="sensitive attributes kept for fairness reports")
     privacy_unit: str | None = Field(None, description="column identifying a patient; null = per example")
     test_fraction: float = Field(0.25, gt=0, lt=1)
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description="share of units held out for validation "
+                                       "(model selection in sweeps); 0: none")
+    split_seed: int = Field(0, ge=0, description="seed of the train/validation/test split, apart from the "
+                                                 "training seed: every run of a sweep shares one split")
+    classes: list[str | int] | None = Field(
+        None, description="declared class names (public), in label order; required where the labels are not "
+                          "described by positive_label or a built-in's public metadata (text labels, MedMNIST)")
+    id: str | None = Field(None, description="dataset identity for the dataset budget (default: the built-in's "
+                                             "name, or a content hash of the source file)")
     image: ImageConfig | None = Field(None, description="set for image data: a manifest CSV, a MedMNIST .npz, "
                                                         "or a built-in image dataset")
     text: str | None = Field(None, description="text data (dptrain synth): the text column of a CSV / JSONL file "
                                                "(default 'text')")
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.test_fraction + self.validation_fraction >= 1:
+            raise ValueError(f"data.test_fraction + data.validation_fraction must be < 1, got "
+                             f"{self.test_fraction} + {self.validation_fraction}")
+        return self
 
     @field_validator("numeric")
     @classmethod
@@ -121,7 +137,15 @@ class PrivacyConfig(_Strict):
     accountant: Literal["pld", "rdp"] = "pld"
     clip_only: bool = Field(False, description="debugging: clip per example but add no noise (NOT private)")
     secure_rng: bool = Field(False, description="draw noise from the OS CSPRNG (slower)")
-    dataset_budget: float | None = Field(None, gt=0, description="total epsilon for all runs on this dataset")
+    dataset_budget: float | None = Field(None, gt=0, description="create a total epsilon budget for all runs on "
+                                        "this dataset (kept in $DPTRAIN_HOME/budgets; once it exists every run on the "
+                                        "dataset is charged, whether or not its recipe names it)")
+    dataset_size: int | None = Field(
+        None, ge=1, description="a public, declared number of privacy units: q = batch_size / dataset_size. "
+                                "null: the number is estimated with a DP count (Gaussian, count_noise_multiplier) "
+                                "composed into the same ledger; the exact count is never used or released")
+    count_noise_multiplier: float = Field(20.0, gt=0, description="std of the Gaussian noise of the DP count of "
+                                                                  "privacy units (sensitivity 1, add/remove)")
     audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
@@ -190,10 +214,10 @@ class SynthesisConfig(_Strict):
     label_counts: Literal["dp_histogram", "prior"] = Field(
         "dp_histogram", description="records per label from a DP histogram (accounted) or a declared public prior")
     prior: list[float] | None = Field(None, description="label_counts: prior -- public class weights, one per class")
-    histogram_noise_multiplier: float = Field(20.0, gt=0, description="histogram noise std / its L2 sensitivity "
-                                                                      "(sqrt 2: n is public)")
-    max_train_records: int | None = Field(None, ge=1, description="train on about this many records, each kept "
-                                                                  "independently by a keyed hash of its text")
+    histogram_noise_multiplier: float = Field(20.0, gt=0, description="histogram noise std (its L2 sensitivity "
+                                                                      "is 1 under add/remove)")
+    train_fraction: float | None = Field(None, gt=0, le=1, description="train on this public share of the records: "
+                                         "each kept independently (keyed hash of its text < train_fraction)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     evaluation: SynthEvaluationConfig = Field(default_factory=SynthEvaluationConfig)
 
@@ -235,7 +259,6 @@ class Recipe(_Strict):
         if lm:  # options of `dptrain train` that dptrain synth does not implement: refuse, never ignore
             unsupported = {
                 "data.privacy_unit": self.data.privacy_unit is not None,
-                "privacy.dataset_budget": self.privacy.dataset_budget is not None,
                 "privacy.audit.canaries (synthesis.evaluation.canaries measures exposure instead)":
                     self.privacy.audit.canaries > 0,
                 "training.augment": self.training.augment != "none", "training.augmult": self.training.augmult > 1,

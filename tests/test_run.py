@@ -26,7 +26,7 @@ from dptrain.config import RecipeError, dump_recipe, load_recipe, parse_recipe
 from dptrain.data import DataError, load_tabular
 from dptrain.run import RunError, train
 from dptrain.trainers.checkpoint import CheckpointError, load_checkpoint
-from dptrain.trainers.plan import PrivacyPlan
+from dptrain.trainers.plan import PrivacyPlan, count_units
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "actg175-mlp.yaml"
@@ -35,8 +35,17 @@ SIGMA = "privacy.noise_multiplier=1.5"  # instead of an epsilon target: no calib
 NO_EPS = "privacy.epsilon="  # empty value -> None, so that noise_multiplier may be given
 DP_SEED = 918273645546372819  # secret; must never appear outside the checkpoint
 METRIC_KEYS = {"epoch", "step", "epsilon_upper_bound", "train_loss_mean"}
-RUN_FILES = {"config.yaml", "run_id", "ledger.json", "metrics.jsonl", "checkpoint.pt", "predictions.parquet",
-             "record.json", "audit.json"}
+RELEASE_FILES = {"config.yaml", "ledger.json", "privacy.json", "model.safetensors", "model.json"}
+PRIVATE_FILES = {"run_id", "state.json", "metrics.jsonl", "predictions.parquet", "record.json", "audit.json"}
+
+
+def rec_path(out: Path) -> Path:
+    return out / "private" / "record.json"
+
+
+def ledger_path(out: Path) -> Path:
+    return out / "release" / "ledger.json"
+
 
 
 def tiny(*extra: str):
@@ -73,18 +82,21 @@ def dp_run(tmp_path_factory):
 def test_dp_run_writes_the_run_directory(dp_run):
     _, result = dp_run
     out = result.out_dir
-    assert {p.name for p in out.iterdir()} == RUN_FILES  # and no temporary files left behind
-    record = json.loads((out / "record.json").read_text())
+    assert {p.name for p in out.iterdir()} == {"release", "private"}
+    assert {p.name for p in (out / "release").iterdir()} == RELEASE_FILES  # and no temporary files left behind
+    assert {p.name for p in (out / "private").iterdir()} == PRIVATE_FILES  # the checkpoint (secret seed) is gone
+    record = json.loads(rec_path(out).read_text())
     assert record == json.loads(json.dumps(result.record))  # the returned record is the written one
     assert record["status"] == "finished" and record["training"]["resumed"] is False
     assert record["training"]["steps"] == record["privacy"]["planned_steps"] == record["privacy"]["steps"]
-    assert load_recipe(out / "config.yaml") == dp_run[0]  # config.yaml reproduces the recipe
-    assert load_checkpoint(out / "checkpoint.pt")["step"] == record["privacy"]["steps"]
+    assert load_recipe(out / "release" / "config.yaml") == dp_run[0]  # config.yaml reproduces the recipe
+    assert json.loads((out / "release" / "privacy.json").read_text()) == record["privacy"]
+    assert record["checkpoint_kept"] is False
 
 
 def test_metrics_are_per_epoch_aggregates_only(dp_run):
     _, result = dp_run
-    lines = (result.out_dir / "metrics.jsonl").read_text().splitlines()
+    lines = (result.out_dir / "private" / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     steps = result.record["privacy"]["steps"]
     per_epoch = result.record["privacy"]["sampling_rate"]
@@ -100,16 +112,28 @@ def test_metrics_are_per_epoch_aggregates_only(dp_run):
     assert all(r["train_loss_mean"] is None for r in rows)
 
 
-def test_the_secret_dp_seed_is_only_in_the_checkpoint(dp_run):
+def test_a_finished_run_keeps_no_secret_seed(dp_run):
     _, result = dp_run
-    for name in ("config.yaml", "ledger.json", "metrics.jsonl", "record.json"):
-        assert str(DP_SEED) not in (result.out_dir / name).read_text(), name
-    assert load_checkpoint(result.out_dir / "checkpoint.pt")["dp_seed"] == DP_SEED
+    for path in result.out_dir.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            assert str(DP_SEED).encode() not in blob and DP_SEED.to_bytes(8, "little") not in blob, path
+    assert not list(result.out_dir.rglob("checkpoint*"))
+
+
+def test_keep_checkpoint_keeps_it_in_private_loudly(tmp_path, capsys):
+    out = tmp_path / "kept"
+    assert _cli_train([*TINY, NO_EPS, SIGMA], out, "--keep-checkpoint") == 0
+    assert "SECRET DP SEED" in capsys.readouterr().err
+    assert load_checkpoint(out / "private" / "checkpoint.pt")["step"] > 0
+    assert (out / "private" / "CHECKPOINT-HOLDS-SECRET-DP-SEED.txt").exists()
+    assert not list((out / "release").rglob("checkpoint*"))
+    assert json.loads(rec_path(out).read_text())["checkpoint_kept"] is True
 
 
 def test_predictions_are_test_rows_with_sensitive_attributes(dp_run):
     _, result = dp_run
-    frame = pd.read_parquet(result.out_dir / "predictions.parquet")
+    frame = pd.read_parquet(result.out_dir / "private" / "predictions.parquet")
     data = result.record["data"]
     assert len(frame) == data["n_test"] != data["n_train"]
     assert {"y_true", "score", "race", "gender", "age_group"} <= set(frame.columns)
@@ -125,21 +149,29 @@ def test_epsilon_is_the_ledgers_and_matches_an_independent_computation(dp_run):
     recipe, result = dp_run
     p = result.record["privacy"]
     eps, delta, q, sigma, steps = p["epsilon"], p["delta"], p["sampling_rate"], p["noise_multiplier"], p["steps"]
-    ledger = acc.PrivacyLedger.load(result.out_dir / "ledger.json")
+    ledger = acc.PrivacyLedger.load(ledger_path(result.out_dir))
     assert ledger.steps == steps
     assert eps == ledger.epsilon(delta)
 
-    independent = acc.PrivacyLedger()
-    event = acc.PoissonSampling(q).step_event(sigma)
-    for _ in range(steps):
-        independent.compose(event)
-    assert independent.epsilon(delta) == pytest.approx(eps, rel=1e-12, abs=0)
-    assert p["epsilon_recomputed_from_plan"] == pytest.approx(eps, rel=1e-12, abs=0)
+    # recomputed directly with dp_accounting under add/remove: the DP count of units, then the steps
+    import dp_accounting as dpa
+    from dp_accounting.pld import pld_privacy_accountant
+
+    units = p["units"]
+    assert units["source"] == "dp_count" and p["releases"]["unit_count"]["l2_sensitivity"] == 1.0
+    count_sigma = recipe.privacy.count_noise_multiplier
+    direct = pld_privacy_accountant.PLDAccountant(dpa.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                                  value_discretization_interval=1e-4)
+    direct.compose(dpa.GaussianDpEvent(count_sigma))
+    direct.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
+    assert direct.get_epsilon(delta) == pytest.approx(eps, rel=1e-3)
+    assert p["epsilon_independent_check"]["epsilon"] == pytest.approx(eps, rel=1e-3)
 
     assert eps <= p["target_epsilon"] == recipe.privacy.epsilon == 1.0
     assert eps > 0.9  # calibrated to the target, not wildly over-noised
-    assert q == pytest.approx(256 / result.record["data"]["num_units"])
-    assert steps == math.ceil(recipe.training.epochs * result.record["data"]["num_units"] / 256)
+    # q and the steps come from the released count, never from the exact one
+    assert q == pytest.approx(256 / units["value"])
+    assert steps == math.ceil(recipe.training.epochs * units["value"] / 256)
 
 
 def test_epsilon_agrees_with_opacus_accountants(dp_run):
@@ -148,16 +180,21 @@ def test_epsilon_agrees_with_opacus_accountants(dp_run):
     _, result = dp_run
     p = result.record["privacy"]
     delta, q, sigma, steps = p["delta"], p["sampling_rate"], p["noise_multiplier"], p["steps"]
-    ledger = acc.PrivacyLedger.load(result.out_dir / "ledger.json")
+    ledger = acc.PrivacyLedger.load(ledger_path(result.out_dir))
+    ledger_steps_only = acc.PrivacyLedger()
+    for event, count in ledger.pairs():
+        if not isinstance(event, __import__("dp_accounting").GaussianDpEvent):  # leave out the DP count of units
+            ledger_steps_only.compose(event, count)
+    steps_eps = ledger_steps_only.epsilon(delta)
 
     prv = PRVAccountant()
     prv.history = [(sigma, q, steps)]
     # eps_error is Opacus's *absolute* slack (default 0.01, itself 1% of an epsilon near 1): tighten it
-    assert prv.get_epsilon(delta, eps_error=1e-3) == pytest.approx(p["epsilon"], rel=0.01)
+    assert prv.get_epsilon(delta, eps_error=1e-3) == pytest.approx(steps_eps, rel=0.01)
 
     rdp = RDPAccountant()
     rdp.history = [(sigma, q, steps)]
-    assert rdp.get_epsilon(delta) == pytest.approx(ledger.epsilon(delta, "rdp"), rel=0.01)
+    assert rdp.get_epsilon(delta) == pytest.approx(ledger_steps_only.epsilon(delta, "rdp"), rel=0.01)
 
 
 def test_record_states_the_full_privacy_statement(dp_run):
@@ -173,7 +210,8 @@ def test_record_states_the_full_privacy_statement(dp_run):
     assert p["clipping_norm"] == 1.0 and p["clipping_granularity"] == "per example"
     assert p["hyperparameter_selection_accounted"] is False
     assert p["noise_multiplier"] > 0
-    assert 0 < p["delta"] < 1 / result.record["data"]["n_train"]
+    assert 0 < p["delta"] < 1 / p["units"]["value"]
+    assert str(result.record["data"]["n_train"]) not in json.dumps(p)  # the exact count is not in the statement
 
 
 # ---------------------------------------------------------------- 3. non-private runs are flagged
@@ -183,12 +221,13 @@ def test_non_private_baseline_is_flagged(tmp_path, capsys):
     out = tmp_path / "baseline"
     assert _cli_train([*TINY, "privacy.epsilon=inf"], out) == 0
     assert "NOT PRIVATE" in capsys.readouterr().out
-    p = json.loads((out / "record.json").read_text())["privacy"]
+    p = json.loads(rec_path(out).read_text())["privacy"]
     assert p["mode"] == "non_private" and p["epsilon"] == "inf" and p["noise_multiplier"] == 0
     assert "NOT PRIVATE" in p["warning"]
-    assert math.isinf(acc.PrivacyLedger.load(out / "ledger.json").epsilon(p["delta"]))
+    assert math.isinf(acc.PrivacyLedger.load(ledger_path(out)).epsilon(p["delta"]))
     # nothing to protect: the training loss is logged
-    assert all(math.isfinite(json.loads(line)["train_loss_mean"]) for line in (out / "metrics.jsonl").open())
+    assert all(math.isfinite(json.loads(line)["train_loss_mean"])
+               for line in (out / "private" / "metrics.jsonl").open())
 
 
 def test_clip_only_run_is_flagged(tmp_path):
@@ -197,7 +236,7 @@ def test_clip_only_run_is_flagged(tmp_path):
     assert p["mode"] == "clip_only" and p["epsilon"] == "inf" and p["noise_multiplier"] == 0
     assert p["clipping_norm"] == 1.0
     assert "NOT PRIVATE" in p["warning"]
-    assert json.loads((tmp_path / "clip" / "record.json").read_text())["privacy"]["warning"] == p["warning"]
+    assert json.loads(rec_path(tmp_path / "clip").read_text())["privacy"]["warning"] == p["warning"]
 
 
 # ---------------------------------------------------------------- 4. bad input: clear errors, nothing written
@@ -289,13 +328,17 @@ def test_batch_larger_than_dataset_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+BUDGET_PATH = lambda: acc.budget_path("builtin:actg175")  # noqa: E731 - under this test's $DPTRAIN_HOME
+
+
 def test_dataset_budget_exceeded_changes_nothing(tmp_path):
-    budget_path = tmp_path / "actg175.budget.json"
+    budget_path = BUDGET_PATH()
+    budget_path.parent.mkdir(parents=True)
     acc.DatasetBudget.create(budget_path, epsilon=0.5, delta=1e-5)  # the budget this dataset already has
     before = budget_path.read_bytes()
     out = tmp_path / "r"
     with pytest.raises(acc.BudgetExceededError, match=r"over the dataset's total epsilon=0\.5"):
-        train(tiny("privacy.epsilon=1", "privacy.dataset_budget=0.5"), out, progress=False)
+        train(tiny("privacy.epsilon=1", "privacy.delta=0.00001", "privacy.dataset_budget=0.5"), out, progress=False)
     assert budget_path.read_bytes() == before
     assert acc.DatasetBudget(budget_path).runs() == {}
     assert not out.exists()
@@ -306,7 +349,7 @@ def test_refused_first_run_creates_no_budget_file(tmp_path):
     with pytest.raises(acc.BudgetExceededError, match="Nothing was written"):
         train(tiny_sigma("privacy.dataset_budget=0.5"), parent / "r", progress=False)
     assert not (parent / "r").exists()
-    assert not (parent / "actg175.budget.json").exists()
+    assert not BUDGET_PATH().exists()
 
 
 def test_non_empty_out_without_resume_is_refused(tmp_path):
@@ -360,13 +403,14 @@ _CHILD_HANG_BEFORE_LOOP = """
 import sys, time
 from pathlib import Path
 import dptrain.run as run
+import dptrain.trainers.loop as loop
 from dptrain.config import load_recipe
 
 def hang(*args, **kwargs):
     Path(sys.argv[2], "ready-to-die").write_text("")
     time.sleep(600)
 
-run.run_loop = hang
+loop.run_loop = hang
 run.train(load_recipe(sys.argv[1], sys.argv[4:]), sys.argv[2], dp_seed=int(sys.argv[3]), progress=False)
 """
 
@@ -395,9 +439,9 @@ def test_killed_run_resumes_without_losing_or_double_counting_steps(tmp_path, ca
     recipe = load_recipe(RECIPE, overrides)
     out = tmp_path / "killed"
     log = tmp_path / "child.log"
-    _kill_when(_spawn(_CHILD, out, overrides, log), out / "checkpoint.pt", log)
-    assert not (out / "record.json").exists()
-    killed_at = load_checkpoint(out / "checkpoint.pt")["step"]
+    _kill_when(_spawn(_CHILD, out, overrides, log), out / "private" / "checkpoint.pt", log)
+    assert not rec_path(out).exists()
+    killed_at = load_checkpoint(out / "private" / "checkpoint.pt")["step"]
 
     ref = train(recipe, tmp_path / "uninterrupted", dp_seed=DP_SEED, progress=False).record
     plan_steps = ref["privacy"]["planned_steps"]
@@ -406,23 +450,24 @@ def test_killed_run_resumes_without_losing_or_double_counting_steps(tmp_path, ca
     assert main(["train", str(RECIPE), *[a for o in overrides for a in ("--set", o)], "--out", str(out),
                  "--resume", "--quiet"]) == 0
     assert "privacy:" in capsys.readouterr().out
-    record = json.loads((out / "record.json").read_text())
-    ledger = acc.PrivacyLedger.load(out / "ledger.json")
+    record = json.loads(rec_path(out).read_text())
+    ledger = acc.PrivacyLedger.load(ledger_path(out))
     assert ledger.steps == record["privacy"]["steps"] == record["training"]["steps"] == plan_steps
     assert record["training"]["resumed"] is True
     assert record["privacy"]["epsilon"] == ref["privacy"]["epsilon"] == ledger.epsilon(ref["privacy"]["delta"])
     assert record["privacy"]["noise_multiplier"] == ref["privacy"]["noise_multiplier"]
+    assert not (out / "private" / "checkpoint.pt").exists()  # the finished run keeps no secret seed
     # same secret seed, counter-based randomness: the resumed model is the uninterrupted one
-    resumed = pd.read_parquet(out / "predictions.parquet")["score"].to_numpy()
-    uninterrupted = pd.read_parquet(tmp_path / "uninterrupted" / "predictions.parquet")["score"].to_numpy()
+    resumed = pd.read_parquet(out / "private" / "predictions.parquet")["score"].to_numpy()
+    uninterrupted = pd.read_parquet(tmp_path / "uninterrupted" / "private" / "predictions.parquet")["score"].to_numpy()
     np.testing.assert_allclose(resumed, uninterrupted, rtol=0, atol=1e-6)
-    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line)["epoch"] for line in (out / "private" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == sorted(set(epochs))  # no epoch logged twice
 
 
 def _interrupted_copy(dp_dir: Path, dest: Path) -> Path:
     shutil.copytree(dp_dir, dest)
-    (dest / "record.json").unlink()
+    rec_path(dest).unlink()
     return dest
 
 
@@ -430,14 +475,14 @@ def _interrupted_copy(dp_dir: Path, dest: Path) -> Path:
 def sigma_run(tmp_path_factory):
     recipe = tiny_sigma()
     out = tmp_path_factory.mktemp("sigma") / "run"
-    return recipe, train(recipe, out, dp_seed=DP_SEED, progress=False)
+    return recipe, train(recipe, out, dp_seed=DP_SEED, progress=False, keep_checkpoint=True)
 
 
 @pytest.mark.parametrize("damage", ["flip one byte", "truncate"])
 def test_damaged_checkpoint_is_refused_on_resume(sigma_run, tmp_path, damage, capsys):
     recipe, result = sigma_run
     out = _interrupted_copy(result.out_dir, tmp_path / "r")
-    ckpt = out / "checkpoint.pt"
+    ckpt = out / "private" / "checkpoint.pt"
     blob = bytearray(ckpt.read_bytes())
     if damage == "flip one byte":
         blob[len(blob) // 2] ^= 0xFF
@@ -447,7 +492,7 @@ def test_damaged_checkpoint_is_refused_on_resume(sigma_run, tmp_path, damage, ca
     with pytest.raises(CheckpointError, match="truncated|checksum mismatch") as err:
         train(recipe, out, resume=True, progress=False)
     assert "refusing to load" in str(err.value)
-    assert ckpt.read_bytes() == bytes(blob) and not (out / "record.json").exists()
+    assert ckpt.read_bytes() == bytes(blob) and not rec_path(out).exists()
     # and through the CLI: one clear line
     assert _cli_train([*TINY, NO_EPS, SIGMA], out, "--resume") == 2
     err_text = capsys.readouterr().err
@@ -470,27 +515,29 @@ def test_resume_without_an_interrupted_run_is_refused(tmp_path):
 
 def test_crash_before_any_checkpoint_then_resume_starts_cleanly(tmp_path, monkeypatch):
     """Simulated in-process: the loop dies before its first step (the state a kill there leaves)."""
-    import dptrain.run as run_module
-
     parent = tmp_path / "runs"
-    budget = _budget_for(tiny_sigma(), runs_that_fit=1)
-    recipe = tiny_sigma(f"privacy.dataset_budget={budget!r}")
+    budget = _budget_for(tiny_sigma(DECLARED), runs_that_fit=1)
+    recipe = tiny_sigma(DECLARED, f"privacy.dataset_budget={budget!r}")
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("simulated kill before the first step")
 
-    monkeypatch.setattr(run_module, "run_loop", crash)
+    import dptrain.trainers.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "run_loop", crash)
     with pytest.raises(KeyboardInterrupt):
         train(recipe, parent / "r", progress=False)
     monkeypatch.undo()
-    assert not (parent / "r" / "checkpoint.pt").exists() and (parent / "r" / "config.yaml").exists()
+    assert not (parent / "r" / "private" / "checkpoint.pt").exists()
+    assert (parent / "r" / "release" / "config.yaml").exists()
 
     record = train(recipe, parent / "r", resume=True, progress=False).record  # the reservation is reused
-    ledger = acc.PrivacyLedger.load(parent / "r" / "ledger.json")
+    ledger = acc.PrivacyLedger.load(ledger_path(parent / "r"))
     assert ledger.steps == record["privacy"]["steps"] == record["privacy"]["planned_steps"]
-    assert record["privacy"]["epsilon"] == record["privacy"]["epsilon_recomputed_from_plan"]
+    assert record["privacy"]["epsilon_independent_check"]["epsilon"] == pytest.approx(record["privacy"]["epsilon"],
+                                                                                      rel=1e-3)
     assert record["training"]["resumed"] is True
-    runs = acc.DatasetBudget(parent / "actg175.budget.json").runs()
+    runs = acc.DatasetBudget(BUDGET_PATH()).runs()
     assert list(runs.values()) == [{"status": "settled"}] and next(iter(runs)).startswith("r-")
 
 
@@ -501,19 +548,23 @@ def test_sigkill_before_any_checkpoint_then_resume_starts_cleanly(tmp_path):
     log = tmp_path / "child.log"
     _kill_when(_spawn(_CHILD_HANG_BEFORE_LOOP, out, overrides, log), out / "ready-to-die", log)
     (out / "ready-to-die").unlink()
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "run_id"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "private/run_id", "private/state.json", "release/config.yaml"]
     result = train(load_recipe(RECIPE, overrides), out, resume=True, dp_seed=1, progress=False)
     assert result.record["training"]["resumed"] is True
-    assert acc.PrivacyLedger.load(out / "ledger.json").steps == result.record["privacy"]["planned_steps"]
-    assert {p.name for p in out.iterdir()} == RUN_FILES
+    assert acc.PrivacyLedger.load(ledger_path(out)).steps == result.record["privacy"]["planned_steps"]
+    assert {p.name for p in (out / "release").iterdir()} == RELEASE_FILES
 
 
 # ---------------------------------------------------------------- 6. dataset budget spans runs
 
 
+DECLARED = "privacy.dataset_size=1604"  # a declared public size: the same plan in every run
+
+
 def _budget_for(recipe, runs_that_fit: int) -> float:
-    n = load_tabular(recipe.data, seed=recipe.seed).num_units
-    plan = PrivacyPlan.from_recipe(recipe, n)
+    assert recipe.privacy.dataset_size is not None
+    plan = PrivacyPlan.from_recipe(recipe, count_units(recipe, 0))
     total = plan.new_ledger()
     eps = []
     for _ in range(runs_that_fit + 1):
@@ -523,10 +574,10 @@ def _budget_for(recipe, runs_that_fit: int) -> float:
 
 
 def test_dataset_budget_spans_runs(tmp_path):
-    budget = _budget_for(tiny_sigma(), runs_that_fit=2)
-    recipe = tiny_sigma(f"privacy.dataset_budget={budget!r}")
+    budget = _budget_for(tiny_sigma(DECLARED), runs_that_fit=2)
+    recipe = tiny_sigma(DECLARED, f"privacy.dataset_budget={budget!r}")
     parent = tmp_path / "runs"
-    budget_path = parent / "actg175.budget.json"
+    budget_path = BUDGET_PATH()
     train(recipe, parent / "first", progress=False)
     train(recipe, parent / "second", progress=False)
     before = budget_path.read_bytes()
@@ -541,8 +592,8 @@ def test_dataset_budget_spans_runs(tmp_path):
 
 
 def test_reusing_a_run_name_is_charged_again(tmp_path):
-    budget = _budget_for(tiny_sigma(), runs_that_fit=1)
-    recipe = tiny_sigma(f"privacy.dataset_budget={budget!r}")
+    budget = _budget_for(tiny_sigma(DECLARED), runs_that_fit=1)
+    recipe = tiny_sigma(DECLARED, f"privacy.dataset_budget={budget!r}")
     parent = tmp_path / "runs"
     train(recipe, parent / "first", progress=False)
     with pytest.raises(acc.BudgetExceededError):  # the budget is full ...
@@ -569,4 +620,39 @@ def test_datasets_command_lists_builtins(capsys):
 
 def test_config_yaml_round_trips(dp_run):
     recipe, result = dp_run
-    assert (result.out_dir / "config.yaml").read_text() == dump_recipe(recipe)
+    assert (result.out_dir / "release" / "config.yaml").read_text() == dump_recipe(recipe)
+
+
+# ---------------------------------------------------------------- 8. budgets that cannot be side-stepped
+
+
+def test_budget_cannot_be_side_stepped(tmp_path):
+    """Issue 14 finding 2: four runs on one dataset whose composition exceeds the budget. A run that omits
+    privacy.dataset_budget is still charged, and another --out parent does not start a fresh budget."""
+    budget = _budget_for(tiny_sigma(DECLARED), runs_that_fit=2)
+    declared = tiny_sigma(DECLARED, f"privacy.dataset_budget={budget!r}")
+    silent = tiny_sigma(DECLARED)  # no dataset_budget in the recipe
+    train(declared, tmp_path / "a" / "first", progress=False)
+    train(silent, tmp_path / "b" / "second", progress=False)  # another parent, no budget named: still charged
+    with pytest.raises(acc.BudgetExceededError):
+        train(silent, tmp_path / "c" / "third", progress=False)
+    with pytest.raises(acc.BudgetExceededError):
+        train(declared, tmp_path / "d" / "fourth", progress=False)
+    spent = acc.DatasetBudget(BUDGET_PATH()).spent()
+    assert spent <= budget
+    assert len(acc.DatasetBudget(BUDGET_PATH()).runs()) == 2
+
+
+def test_a_users_file_is_budgeted_by_its_content(tmp_path):
+    """The same CSV under two names is one dataset; budgets key on its content hash."""
+    tree = _user_recipe(tmp_path, _user_frame(200))
+    tree["privacy"] = {"noise_multiplier": 1.0, "dataset_size": 200}
+    recipe = parse_recipe(tree)
+    plan = PrivacyPlan.from_recipe(recipe, count_units(recipe, 0))
+    one = plan.planned_ledger().epsilon(plan.delta)
+    train(parse_recipe({**tree, "privacy": {**tree["privacy"], "dataset_budget": one * 1.2}}), tmp_path / "r1",
+          progress=False)  # one run fits, two do not (two compose to ~1.4 x one)
+    copy = tmp_path / "copy.csv"
+    shutil.copy(tmp_path / "user.csv", copy)
+    with pytest.raises(acc.BudgetExceededError):
+        train(parse_recipe({**tree, "data": {**tree["data"], "source": str(copy)}}), tmp_path / "r2", progress=False)

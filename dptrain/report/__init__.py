@@ -9,10 +9,15 @@ from dptrain.report.sweep import SweepError, SweepResult, parse_epsilons, run_sw
 
 
 def build_report(sweep_dir: str | Path, **kwargs) -> dict[str, Path]:
-    """Analyse the finished runs under ``sweep_dir`` and write report.html, report.md, summary.csv, plots/.
+    """Analyse the finished runs under ``sweep_dir`` and write, across the release boundary,
+    ``DIR/private/`` report.html, report.md, summary.csv, plots/ (computed from real test records: never
+    publish) and ``DIR/release/selection.json`` (the public statement of the configuration chosen on
+    validation records and its privacy cost; no metrics, no counts).
 
-    Keyword arguments go to :func:`dptrain.report.analysis.analyse` (threshold, n_boot, level,
-    min_group_size). Nothing is retrained.
+    Returns the paths: keys ``html``, ``md``, ``csv`` (private) and ``selection`` (release). Keyword arguments
+    go to :func:`dptrain.report.analysis.analyse` (threshold, n_boot, level, min_group_size). Nothing is
+    retrained. Refuses (ReportError) runs that do not share one split, and a selection without validation
+    metrics.
     """
     from dptrain.report.render import write_report
 

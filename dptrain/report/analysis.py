@@ -1,13 +1,28 @@
 """From finished run directories to the numbers of a privacy-utility-fairness report.
 
+Run directories are read through :class:`dptrain.lifecycle.RunDir` (``private/record.json``,
+``private/predictions.parquet``, ``release/config.yaml``, ``release/ledger.json``).
+
+One split: every run of a sweep must have been trained, validated and tested on the same split (the split
+seed is apart from the training seed). ``analyse`` checks it -- every record's
+``data.preprocessing.split`` and every run's test labels (and sensitive attributes) must agree -- and
+refuses a report that mixes splits.
+
+Selection (``Analysis.selection``, published as ``release/selection.json`` by the renderer): per backend the
+private configuration with the highest mean *validation* AUROC over its seeds (the records' validation
+metrics); test numbers never take part. A run without validation metrics makes the selection, and the
+report, refuse (never a fallback to test). The cost of the choice is stated two ways: the PLD composition of
+every private run's ledger (valid for any rule that uses only the models and non-training records) and
+RepeatAndSelect (Papernot & Steinke 2022), valid only under its assumption of a random number of runs.
+
 Statistics (all on the test predictions each run saved; nothing is retrained):
 
 * Point estimates per run use fairlearn's MetricFrame (``dptrain.evaluate.fairness``); a configuration's
   estimate (backend, epsilon) is the mean over its seeds.
-* 95% CIs are percentile bootstrap intervals over test examples: for each seed (= one train/test split)
-  one (B, n) matrix of resampling counts is drawn and applied to *every* run on that split, so the
-  difference between two runs on the same split is a paired bootstrap. A configuration's replicate b is
-  the mean over seeds of the runs' replicate b. ``sd`` is the spread over seeds (training randomness).
+* 95% CIs are percentile bootstrap intervals over test examples: one (B, n) matrix of resampling counts is
+  drawn for the sweep's one test set and applied to *every* run, so the difference between two runs is a
+  paired bootstrap. A configuration's replicate b is the mean over seeds of the runs' replicate b. ``sd`` is
+  the spread over seeds (training randomness).
 * The decision threshold is fixed before looking at any test data (``threshold``, recorded in the
   report); it is never tuned on the test set.
 * Groups are each sensitive attribute's values and their full intersection; a group with fewer than
@@ -29,10 +44,24 @@ import yaml
 
 import accounting as acc
 from dptrain.evaluate import fairness as fm
+from dptrain.lifecycle import RunDir, jsonable
 from dptrain.report.sweep import eps_label
 
 UTILITY = ("auroc", "accuracy", "auprc", "ece")
 DEFAULT_BOOT = 1000
+SELECTION_FORMAT = "dptrain.sweep-selection/1"
+# The guarantee of the selection, word for word (report and release/selection.json).
+SELECTION_WORDING = (
+    "the choice uses only the runs' DP outputs (their models' scores on validation records, which are not "
+    "training records: all runs share one split), so publishing the chosen run's model costs at most the "
+    "composition of all private runs on these training records (valid for any selection rule that uses only "
+    "the models and non-training records); RepeatAndSelect (Papernot & Steinke 2022) is smaller but valid only "
+    "if the number of runs was random as it assumes (a fixed grid run to completion does not satisfy it)")
+SELECTION_RULE = ("per backend, the private configuration (target epsilon) with the highest mean validation AUROC "
+                  "over its seeds; within it, the seed with the highest validation AUROC. Test records take no part")
+NOT_COVERED = ("the validation records (the choice depends on them) and the test records are not training records "
+               "and are not protected by DP: their metrics, counts and predictions stay in the sweep's private/ "
+               "folder and the runs' private/ folders")
 
 
 class ReportError(ValueError):
@@ -42,7 +71,7 @@ class ReportError(ValueError):
 @dataclass
 class RunData:
     name: str
-    dir: Path
+    dir: Path  # the run directory's root (see ``rd`` for its files)
     backend: str
     epsilon: float
     seed: int
@@ -59,8 +88,20 @@ class RunData:
     worst_group: tuple[str, float] = ("", math.nan)
 
     @property
+    def rd(self) -> RunDir:
+        return RunDir(self.dir)
+
+    @property
     def private(self) -> bool:
         return math.isfinite(self.epsilon)
+
+    @property
+    def validation_auroc(self) -> float:
+        """The run's AUROC on the validation records (its record's metrics); nan when it has none."""
+        try:
+            return float(self.record["metrics"]["validation"]["auroc"])
+        except (KeyError, TypeError, ValueError):
+            return math.nan
 
     @property
     def config(self) -> tuple[str, float]:
@@ -82,26 +123,60 @@ def load_runs(sweep_dir: str | Path) -> tuple[dict[str, Any], list[RunData], lis
     names = spec.get("points") or sorted(p.name for p in runs_dir.iterdir() if p.is_dir())
     runs, missing = [], []
     for name in names:
-        d = runs_dir / name
-        rec_path = d / "record.json"
-        if not rec_path.exists():
+        rd = RunDir(runs_dir / name)
+        record = rd.finished_record()
+        if record is None:
+            if (rd.root / "record.json").exists():
+                raise ReportError(f"{rd.root}: a run directory of an earlier dptrain (record.json at its top, no "
+                                  "release/ and private/ folders, no validation split); rerun the sweep with this "
+                                  "dptrain into a new --out")
             fail = root / "failures" / f"{name}.txt"
             missing.append({"name": name, "status": "failed" if fail.exists() else "not run",
                             "error": fail.read_text().split("\n", 1)[0] if fail.exists() else ""})
             continue
-        record = json.loads(rec_path.read_text())
-        cfg = yaml.safe_load((d / "config.yaml").read_text())
-        preds = pd.read_parquet(d / "predictions.parquet")
+        cfg = yaml.safe_load(rd.config.read_text())
+        preds = pd.read_parquet(rd.private / "predictions.parquet")
         if "score" not in preds:
-            raise ReportError(f"{d}: predictions have no 'score' column; the fairness report covers binary "
+            raise ReportError(f"{rd.root}: predictions have no 'score' column; the fairness report covers binary "
                               "classifiers only")
         sens = [c for c in preds.columns if c not in ("y_true", "score")]
-        runs.append(RunData(name=name, dir=d, backend=record["training"]["backend"],
+        runs.append(RunData(name=name, dir=rd.root, backend=record["training"]["backend"],
                             epsilon=_eps(record["privacy"].get("target_epsilon")), seed=int(cfg["seed"]),
                             record=record, preds=preds, sensitive=sens))
     if not runs:
-        raise ReportError(f"{root}: no finished run (no runs/*/record.json); run or resume the sweep first")
+        raise ReportError(f"{root}: no finished run (no runs/*/private/record.json); run or resume the sweep first")
     return spec, runs, missing
+
+
+def _split_of(r: RunData) -> dict[str, Any]:
+    split = ((r.record.get("data") or {}).get("preprocessing") or {}).get("split")
+    if not isinstance(split, dict):
+        raise ReportError(f"{r.dir}: the record has no data.preprocessing.split (a run of an earlier dptrain?), so "
+                          "its data split cannot be checked; rerun the sweep with this dptrain into a new --out")
+    return split
+
+
+def check_one_split(runs: list[RunData]) -> dict[str, Any]:
+    """Refuse runs that do not share one train/validation/test split: every record's
+    ``data.preprocessing.split`` must agree, and every run's test labels and sensitive attributes must be
+    the same records in the same order. Returns the shared split."""
+    ref = runs[0]
+    split = _split_of(ref)
+    fix = ("a report compares runs on one shared split only (one run's test or validation records must never be "
+           "another's training records): report one sweep at a time, or rerun the sweep into a new --out")
+    for r in runs[1:]:
+        other = _split_of(r)
+        if other != split:
+            diff = "; ".join(f"{k} {split.get(k)!r} vs {other.get(k)!r}" for k in sorted(set(split) | set(other))
+                             if split.get(k) != other.get(k))
+            raise ReportError(f"runs {ref.name} and {r.name} were trained on different data splits ({diff}); {fix}")
+    sens = ref.sensitive
+    for r in runs[1:]:
+        if not (len(r.preds) == len(ref.preds) and r.preds["y_true"].equals(ref.preds["y_true"])
+                and r.preds[sens].equals(ref.preds[sens])):
+            raise ReportError(f"runs {ref.name} and {r.name} have different test records (their predictions' y_true "
+                              f"or sensitive attributes differ), so they do not share one split; {fix}")
+    return split
 
 
 def _agg(points: list[float], boots: list[np.ndarray], level: float) -> dict[str, Any]:
@@ -132,7 +207,13 @@ class Analysis:
     configs: list[dict[str, Any]]
     groups: pd.DataFrame            # one row per (backend, epsilon, grouping, group)
     pearson: pd.DataFrame
-    selection: dict[str, Any]
+    selection: dict[str, Any]       # backend -> the selection and its privacy cost (holds private numbers too)
+    split: dict[str, Any]           # the one split every run shares (record data.preprocessing.split)
+    composition_all: dict[str, Any] | None = None  # every private run of every backend (None: one backend)
+
+    def is_selected(self, r: RunData) -> bool:
+        s = self.selection.get(r.backend)
+        return s is not None and s["selected_run"] == r.name
 
     def summary_frame(self) -> pd.DataFrame:
         rows = []
@@ -151,6 +232,8 @@ class Analysis:
                 for k in fm.GAPS:
                     row[f"{k}[{g}]"] = r.gaps[g][k]
             a = r.record.get("audit") or {}
+            row["validation_auroc"] = r.validation_auroc
+            row["selected"] = self.is_selected(r)
             row["audit_status"] = a.get("status", "not audited")
             row["audit_epsilon_lower_bound"] = a.get("epsilon_lower_bound")
             row["audit_max_certifiable_epsilon"] = a.get("max_certifiable_epsilon")
@@ -181,33 +264,24 @@ def analyse(sweep_dir: str | Path, *, threshold: float | None = None, n_boot: in
     sens = runs[0].sensitive
     if any(r.sensitive != sens for r in runs):
         raise ReportError("runs disagree on the sensitive attributes; report one recipe's sweep at a time")
+    split = check_one_split(runs)
 
-    # ---- one bootstrap matrix per split (seed): paired across every run on that split ----
-    by_seed: dict[int, list[RunData]] = {}
-    for r in runs:
-        by_seed.setdefault(r.seed, []).append(r)
-    weights: dict[int, np.ndarray] = {}
-    for seed, rs in by_seed.items():
-        ref = rs[0].preds
-        for r in rs[1:]:
-            if not (len(r.preds) == len(ref) and r.preds["y_true"].equals(ref["y_true"])
-                    and r.preds[sens].equals(ref[sens])):
-                raise ReportError(f"runs {rs[0].name} and {r.name} have seed {seed} but different test sets; "
-                                  "a sweep's runs must come from one recipe (same data and split)")
-        weights[seed] = fm.bootstrap_weights(len(ref), n_boot, seed=boot_seed * 100003 + seed)
+    # ---- one test set shared by every run: one bootstrap matrix, paired across all runs ----
+    ref = runs[0].preds
+    w = fm.bootstrap_weights(len(ref), n_boot, seed=boot_seed)
 
     # without sensitive attributes (e.g. Br35H) the report has utility, privacy and audit, no fairness sections
-    groupings_by_seed = {s: fm.groupings(rs[0].preds[sens]) if sens else [] for s, rs in by_seed.items()}
-    names = [g.name for g in next(iter(groupings_by_seed.values()))]
+    groupings = fm.groupings(ref[sens]) if sens else []
+    names = [g.name for g in groupings]
     single = names[:len(sens)]
     for r in runs:
-        y, s, w = r.preds["y_true"].to_numpy(), r.preds["score"].to_numpy(), weights[r.seed]
+        y, s = r.preds["y_true"].to_numpy(), r.preds["score"].to_numpy()
         point = fm.weighted_metrics(y, s, np.ones((1, len(y))), threshold=thr)
         boot = fm.weighted_metrics(y, s, w, threshold=thr)
         r.utility = {m: float(point[m][0]) for m in UTILITY}
         r.utility_boot = {m: boot[m] for m in UTILITY}
         worst = ("", math.inf)
-        for g in groupings_by_seed[r.seed]:
+        for g in groupings:
             table = fm.group_table(y, s, g, threshold=thr, min_group_size=min_group_size)
             r.group_tables[g.name] = table
             r.group_boot[g.name] = fm.group_metrics_boot(y, s, g, w, threshold=thr)
@@ -222,9 +296,11 @@ def analyse(sweep_dir: str | Path, *, threshold: float | None = None, n_boot: in
 
     configs = _configs(runs, names, level)
     groups = _group_rows(runs, names, level)
+    selection, composition_all = _selection(runs, configs)
     return Analysis(spec=spec, runs=runs, missing=missing, threshold=thr, n_boot=n_boot, level=level,
                     min_group_size=min_group_size, groupings=names, single=single, configs=configs,
-                    groups=groups, pearson=_pearson(runs, names), selection=_selection(runs, configs))
+                    groups=groups, pearson=_pearson(runs, names), selection=selection, split=split,
+                    composition_all=composition_all)
 
 
 def _configs(runs: list[RunData], names: list[str], level: float) -> list[dict[str, Any]]:
@@ -235,6 +311,7 @@ def _configs(runs: list[RunData], names: list[str], level: float) -> list[dict[s
         ref = {r.seed: r for r in runs if r.backend == b and not r.private}
         c: dict[str, Any] = {"backend": b, "epsilon": e, "seeds": [r.seed for r in rs], "runs": [r.name for r in rs]}
         c["utility"] = {m: _agg([r.utility[m] for r in rs], [r.utility_boot[m] for r in rs], level) for m in UTILITY}
+        c["validation_auroc"] = _agg([r.validation_auroc for r in rs], [], level)  # the selection's criterion
         c["worst_group_auroc"] = _agg([r.worst_group[1] for r in rs], [], level)
         c["gaps"] = {g: {k: _agg([r.gaps[g][k] for r in rs], [r.gaps_boot[g][k] for r in rs], level)
                          for k in fm.GAPS} for g in names}
@@ -301,62 +378,165 @@ def _pearson(runs: list[RunData], names: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _selection(runs: list[RunData], configs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best private configuration per backend and the privacy cost of having tried the grid."""
+def _composition(ledgers: list[acc.PrivacyLedger], delta: float) -> dict[str, Any]:
+    """PLD composition of every ledger: what publishing any or all of these runs' outputs costs."""
+    try:
+        total = acc.PrivacyLedger(relation=ledgers[0].relation, privacy_unit=ledgers[0].privacy_unit,
+                                  accountant=ledgers[0].accountant)
+        for led in ledgers:
+            total.extend(led)
+        # coarser PLD grid (pessimistic rounding): an upper bound, slightly above the fine-grid number
+        return {"composition_epsilon": total.epsilon(delta, quick=True), "composition_accountant": total.accountant}
+    except acc.PrivacyError as err:
+        return {"composition_epsilon": math.nan, "composition_accountant": ledgers[0].accountant,
+                "composition_note": str(err)}
+
+
+def _selection(runs: list[RunData], configs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(backend -> the configuration chosen on validation AUROC and the privacy cost of the choice,
+    the composition of the private runs of every backend or None with one backend)."""
     out: dict[str, Any] = {}
+    all_ledgers: list[acc.PrivacyLedger] = []
+    all_deltas: list[float] = []
     for b in sorted({r.backend for r in runs}):
         priv = [r for r in runs if r.backend == b and r.private]
         if not priv:
             continue
+        lacking = [r.name for r in priv if not math.isfinite(r.validation_auroc)]
+        if lacking:
+            raise ReportError(
+                f"selection refused: run(s) {', '.join(lacking)} have no validation AUROC (private/record.json "
+                "metrics.validation missing or not a number: trained without data.validation_fraction, e.g. by an "
+                "earlier dptrain); the configuration is chosen on validation records only, never on test records: "
+                "rerun the sweep with this dptrain into a new --out (it sets data.validation_fraction=0.2)")
         cands = [c for c in configs if c["backend"] == b and math.isfinite(c["epsilon"])]
-        best = max(cands, key=lambda c: c["utility"]["auroc"]["mean"])
-        best_run = max((r for r in priv if r.config == (b, best["epsilon"])), key=lambda r: r.utility["auroc"])
-        delta = max(r.record["privacy"]["delta"] for r in priv)
-        ledgers = [acc.PrivacyLedger.load(r.dir / "ledger.json") for r in priv]
-        entry: dict[str, Any] = {"best_config_epsilon": best["epsilon"], "best_run": best_run.name,
-                                 "best_run_epsilon": best_run.record["privacy"]["epsilon"],
-                                 "n_private_runs": len(priv), "delta": delta}
-        try:
-            total = acc.PrivacyLedger(relation=ledgers[0].relation, privacy_unit=ledgers[0].privacy_unit,
-                                      accountant=ledgers[0].accountant)
-            for led in ledgers:
-                total.extend(led)
-            entry["composition_epsilon"] = total.epsilon(delta, quick=True)  # coarser PLD grid: an upper bound
-            entry["composition_accountant"] = total.accountant
-        except acc.PrivacyError as err:
-            entry["composition_epsilon"], entry["composition_note"] = math.nan, str(err)
-        entry.update(_repeat_and_select(priv, ledgers, delta))
+        best = max(cands, key=lambda c: c["validation_auroc"]["mean"])
+        best_run = max((r for r in priv if r.config == (b, best["epsilon"])), key=lambda r: r.validation_auroc)
+        delta = max(float(r.record["privacy"]["delta"]) for r in priv)
+        ledgers = [acc.PrivacyLedger.load(r.rd.ledger) for r in priv]
+        all_ledgers += ledgers
+        all_deltas.append(delta)
+        entry: dict[str, Any] = {"selected_epsilon": best["epsilon"], "selected_run": best_run.name,
+                                 "selected_run_epsilon": best_run.record["privacy"]["epsilon"],
+                                 "private_runs": [r.name for r in priv], "n_private_runs": len(priv),
+                                 "delta": delta}
+        entry.update(_composition(ledgers, delta))
+        entry.update(_repeat_and_select(ledgers, delta))
         out[b] = entry
-    return out
+    composition_all = None
+    if len(out) > 1:
+        delta = max(all_deltas)
+        composition_all = {"private_runs": [n for e in out.values() for n in e["private_runs"]], "delta": delta,
+                           **_composition(all_ledgers, delta)}
+    return out, composition_all
 
 
-def _repeat_and_select(priv: list[RunData], ledgers: list[acc.PrivacyLedger], delta: float) -> dict[str, Any]:
-    """RepeatAndSelect (Papernot & Steinke 2022, RDP) with mean = number of private runs, Poisson count.
+def dominating_event(ledgers: list[acc.PrivacyLedger]):
+    """One DP event whose RDP is at least every ledger's at every order (the base mechanism of
+    RepeatAndSelect when a run's configuration is any of these runs').
 
-    The grid's runs share sampling and steps and differ in sigma, so the run with the smallest sigma has the
-    largest RDP at every order and bounds a random choice among them (Renyi divergence is quasi-convex).
-    """
-    sig = {(r.record["privacy"]["sampling"], r.record["privacy"]["sampling_rate"], r.record["privacy"]["steps"])
-           for r in priv}
-    if len(sig) != 1:
-        return {"repeat_and_select_epsilon": math.nan,
-                "repeat_and_select_note": "not computed: the private runs differ in sampling scheme, rate or steps"}
-    worst = min(range(len(priv)), key=lambda i: priv[i].record["privacy"]["noise_multiplier"])
+    Poisson-subsampled Gaussian steps are merged into max(q) x min(sigma) x max(steps): their RDP increases
+    with the sampling rate and the number of steps and decreases with sigma (each run's DP count of units
+    makes q and the steps differ slightly between runs). Every other event is kept with its largest count
+    over the runs (RDP adds up under composition, so the union dominates each run's). Events the RDP
+    accountant cannot analyse stay as they are: the caller then reports RepeatAndSelect as unavailable."""
     import dp_accounting.dp_event as dpe
 
-    pairs = ledgers[worst].pairs()
-    inner = dpe.ComposedDpEvent([dpe.SelfComposedDpEvent(e, c) for e, c in pairs])
-    led = acc.PrivacyLedger(relation=ledgers[worst].relation, privacy_unit=ledgers[worst].privacy_unit,
-                            accountant="rdp")
-    led.compose(acc.repeat_and_select(inner, mean=float(len(priv)), shape=math.inf), 1, label="repeat_and_select")
+    from accounting.events import event_to_dict
+
+    q, sigma, steps = 0.0, math.inf, 0
+    other: dict[str, tuple[Any, int]] = {}
+    for led in ledgers:
+        run_steps, run_other = 0, {}
+        for ev, n in led.pairs():
+            if isinstance(ev, dpe.PoissonSampledDpEvent) and isinstance(ev.event, dpe.GaussianDpEvent):
+                q = max(q, float(ev.sampling_probability))
+                sigma = min(sigma, float(ev.event.noise_multiplier))
+                run_steps += n
+            else:
+                key = json.dumps(event_to_dict(ev), sort_keys=True)
+                run_other[key] = (ev, run_other.get(key, (ev, 0))[1] + n)
+        steps = max(steps, run_steps)
+        for key, (ev, n) in run_other.items():
+            if n > other.get(key, (ev, 0))[1]:
+                other[key] = (ev, n)
+    parts = []
+    if steps:
+        parts.append(dpe.SelfComposedDpEvent(dpe.PoissonSampledDpEvent(q, dpe.GaussianDpEvent(sigma)), steps))
+    parts += [dpe.SelfComposedDpEvent(ev, n) for ev, n in other.values()]
+    return dpe.ComposedDpEvent(parts)
+
+
+def _repeat_and_select(ledgers: list[acc.PrivacyLedger], delta: float) -> dict[str, Any]:
+    """RepeatAndSelect (Papernot & Steinke 2022, RDP) with mean = number of private runs, Poisson count,
+    over the event that dominates every run (:func:`dominating_event`; Renyi divergence is quasi-convex,
+    so a run with a configuration drawn at random from the grid is dominated too).
+
+    Generic about the events: if the RDP accountant cannot analyse them, the bound is reported as not
+    available with the accountant's reason."""
+    mean = len(ledgers)
+    assumption = (f"the number of runs was drawn at random from a Poisson distribution with mean {mean}, each run's "
+                  "configuration drawn at random from the grid, before the sweep, and only the selected run is "
+                  "published; a fixed grid run to completion does not satisfy it (then the composition applies)")
+    base = {"repeat_and_select_mean": mean, "repeat_and_select_assumption": assumption}
     try:
+        led = acc.PrivacyLedger(relation=ledgers[0].relation, privacy_unit=ledgers[0].privacy_unit, accountant="rdp")
+        led.compose(acc.repeat_and_select(dominating_event(ledgers), mean=float(mean), shape=math.inf), 1,
+                    label="repeat_and_select")
         with _quiet_absl():  # dp-accounting logs every RDP order it drops (dropping one is conservative)
             eps = led.epsilon(delta, "rdp")
-        return {"repeat_and_select_epsilon": eps, "repeat_and_select_mean": len(priv)}
-    except acc.PrivacyError as err:
-        return {"repeat_and_select_epsilon": math.nan,
+        return {**base, "repeat_and_select_epsilon": eps}
+    except (acc.PrivacyError, NotImplementedError, ValueError, TypeError) as err:
+        return {**base, "repeat_and_select_epsilon": math.nan,
                 "repeat_and_select_note": "not available for these runs' events (RepeatAndSelect is RDP-only and "
-                f"the RDP accountant cannot analyse them, e.g. truncated Poisson sampling): {err}"}
+                f"the RDP accountant cannot analyse them): {err}"}
+
+
+def selection_statement(an: Analysis) -> dict[str, Any]:
+    """The public statement of the selection (``release/selection.json``): which configuration was chosen
+    per backend, the composed epsilon of all private runs and the RepeatAndSelect bound with its assumption,
+    the delta and the wording of the guarantee. No metric values and no counts of records: everything here
+    is the public grid, the public split declaration and privacy parameters."""
+    backends = {}
+    for b, s in an.selection.items():
+        rs = {"epsilon": s["repeat_and_select_epsilon"] if math.isfinite(s["repeat_and_select_epsilon"]) else None,
+              "accountant": "rdp", "mean_number_of_runs": s["repeat_and_select_mean"],
+              "assumption": s["repeat_and_select_assumption"]}
+        if "repeat_and_select_note" in s:
+            rs["note"] = s["repeat_and_select_note"]
+        comp = {"epsilon": s["composition_epsilon"] if math.isfinite(s["composition_epsilon"]) else None,
+                "accountant": s["composition_accountant"], "runs": s["private_runs"],
+                "meaning": "what publishing any or all of these private runs' models costs, whatever the selection "
+                           "rule that used only the models and non-training records",
+                "method": "composition of the runs' ledgers (release/ledger.json), PLD on a coarse grid: an upper "
+                          "bound"}
+        if "composition_note" in s:
+            comp["note"] = s["composition_note"]
+        backends[b] = {
+            "selected": {"backend": b, "target_epsilon": s["selected_epsilon"], "run": s["selected_run"],
+                         "run_epsilon": s["selected_run_epsilon"]},
+            "delta": s["delta"],
+            "composition": comp,
+            "repeat_and_select": rs,
+        }
+    out: dict[str, Any] = {
+        "format": SELECTION_FORMAT,
+        "rule": SELECTION_RULE,
+        "statement": SELECTION_WORDING,
+        "split": {k: an.split.get(k) for k in ("method", "seed", "test_fraction", "validation_fraction")},
+        "backends": backends,
+        "not_covered": NOT_COVERED,
+        "non_private_runs": {"runs": sorted(r.name for r in an.runs if not r.private),
+                             "warning": "NOT PRIVATE: no guarantee; never release their models or predictions"},
+        "private_report": "private/report.html (test numbers of the selected configurations: never publish)",
+    }
+    if an.composition_all is not None:
+        c = an.composition_all
+        out["composition_all_backends"] = {
+            "epsilon": c["composition_epsilon"] if math.isfinite(c["composition_epsilon"]) else None,
+            "accountant": c["composition_accountant"], "delta": c["delta"], "runs": c["private_runs"],
+            "meaning": "publishing the selected models of several backends, or any models of this sweep"}
+    return jsonable(out)
 
 
 class _quiet_absl:
@@ -371,4 +551,5 @@ class _quiet_absl:
         self.logger.setLevel(self.level)
 
 
-__all__ = ["Analysis", "ReportError", "RunData", "analyse", "load_runs", "UTILITY"]
+__all__ = ["Analysis", "ReportError", "RunData", "SELECTION_WORDING", "UTILITY", "analyse", "check_one_split",
+           "dominating_event", "load_runs", "selection_statement"]

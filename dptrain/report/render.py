@@ -1,4 +1,9 @@
-"""Render an :class:`~dptrain.report.analysis.Analysis` as report.html, report.md, summary.csv and plots/.
+"""Render an :class:`~dptrain.report.analysis.Analysis` into a sweep directory, across its release boundary:
+
+    DIR/private/report.html, report.md, summary.csv, plots/   computed from real test records and sensitive
+                                                              attributes: never publish
+    DIR/release/selection.json                                the public statement of the selection (no metric
+                                                              values, no counts; see analysis.selection_statement)
 
 ``report.html`` is self-contained: CSS inline, plots embedded as base64 PNG, no script, no network.
 ``report.md`` holds the same tables and links the PNG files in ``plots/``.
@@ -17,9 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from accounting._io import atomic_write_bytes
+from accounting._io import atomic_write_bytes, atomic_write_json
 from dptrain.evaluate import fairness as fm
-from dptrain.report.analysis import UTILITY, Analysis
+from dptrain.lifecycle import PRIVATE, RELEASE
+from dptrain.report.analysis import NOT_COVERED, SELECTION_WORDING, UTILITY, Analysis, selection_statement
 from dptrain.report.sweep import eps_label
 
 GAP_TITLES = {
@@ -63,11 +69,15 @@ def _sd(a: dict[str, Any]) -> str:
 def _tables(an: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """[(id, title, header, rows)] in report order."""
     out = []
-    hdr = ["backend", "epsilon", "seeds"] + [f"{m} [95% CI] (sd over seeds)" for m in UTILITY] + ["worst-group AUROC"]
+    hdr = (["backend", "epsilon", "seeds"] + [f"{m} [95% CI] (sd over seeds)" for m in UTILITY]
+           + ["worst-group AUROC", "validation AUROC (selection only)", "selected"])
+    selected = {(b, s["selected_epsilon"]) for b, s in an.selection.items()}
     rows = [[c["backend"], eps_label(c["epsilon"]), str(len(c["seeds"]))]
             + [f"{_ci(c['utility'][m])} {_sd(c['utility'][m])}" for m in UTILITY]
-            + [f"{_f(c['worst_group_auroc']['mean'])} {_sd(c['worst_group_auroc'])}"] for c in an.configs]
-    out.append(("utility", "Utility vs epsilon", hdr, rows))
+            + [f"{_f(c['worst_group_auroc']['mean'])} {_sd(c['worst_group_auroc'])}",
+               f"{_f(c['validation_auroc']['mean'])} {_sd(c['validation_auroc'])}",
+               "SELECTED" if (c["backend"], c["epsilon"]) in selected else ""] for c in an.configs]
+    out.append(("utility", "Utility vs epsilon (test records)", hdr, rows))
 
     for g in an.groupings:
         hdr = ["backend", "epsilon"] + [GAP_TITLES[k] for k in fm.GAPS]
@@ -126,7 +136,7 @@ def _tables(an: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]]:
 
 
 def _audit_file(r) -> dict[str, Any]:
-    p = r.dir / "audit.json"
+    p = r.rd.private / "audit.json"
     return json.loads(p.read_text()) if p.exists() else {}
 
 
@@ -146,30 +156,45 @@ def _audit_lines(an: Analysis) -> list[str]:
 def _selection_lines(an: Analysis) -> list[str]:
     lines = []
     for b, s in an.selection.items():
+        c = next(c for c in an.configs if c["backend"] == b and c["epsilon"] == s["selected_epsilon"])
+        u = c["utility"]
         lines.append(
-            f"[{b}] Best private configuration by mean test AUROC: epsilon = {eps_label(s['best_config_epsilon'])} "
-            f"(best single run {s['best_run']}, its own epsilon {_f(s['best_run_epsilon'], 4)}). Choosing it from the "
-            f"{s['n_private_runs']} private runs tried is not free:")
+            f"[{b}] Selected configuration by mean validation AUROC over its {len(c['seeds'])} seed(s): epsilon = "
+            f"{eps_label(s['selected_epsilon'])} (validation AUROC {_f(c['validation_auroc']['mean'])}); chosen run "
+            f"{s['selected_run']} (its own epsilon {_f(s['selected_run_epsilon'], 4)}). Its test numbers, which took "
+            f"no part in the choice: AUROC {_ci(u['auroc'])}, accuracy {_ci(u['accuracy'])}, worst-group AUROC "
+            f"{_f(c['worst_group_auroc']['mean'])}. Choosing it from the {s['n_private_runs']} private runs tried is "
+            "not free:")
         comp = s.get("composition_epsilon", math.nan)
         lines.append(
             f"  - all {s['n_private_runs']} private runs composed: epsilon = {_f(comp, 4)} at delta = {s['delta']:g} "
-            f"({s.get('composition_accountant', 'n/a')}, upper bound on a 1e-3 grid); valid for any selection rule and a "
-            "fixed grid."
+            f"({s.get('composition_accountant', 'n/a')}, an upper bound on a coarse grid): what publishing any or "
+            "all of these runs' models costs; valid for any selection rule that uses only the models and "
+            "non-training records, and for a fixed grid."
             + (f" {s['composition_note']}" if "composition_note" in s else ""))
         rs = s.get("repeat_and_select_epsilon", math.nan)
         if math.isfinite(rs):
             lines.append(
                 f"  - RepeatAndSelect (Papernot & Steinke 2022, RDP): epsilon = {_f(rs, 4)} at delta = {s['delta']:g}, "
-                f"valid only if the number of runs had been drawn from a Poisson distribution with mean "
-                f"{s['repeat_and_select_mean']} (plan it that way before the next sweep).")
+                f"valid only if {s['repeat_and_select_assumption']} (plan the next sweep that way to use it).")
         else:
             lines.append(f"  - RepeatAndSelect: {s.get('repeat_and_select_note', 'not computed')}.")
+    if an.composition_all is not None:
+        c = an.composition_all
+        lines.append(f"All {len(c['private_runs'])} private runs of every backend composed: epsilon = "
+                     f"{_f(c['composition_epsilon'], 4)} at delta = {c['delta']:g}: what publishing the selected "
+                     "models of several backends, or any models of this sweep, costs.")
+    lines.append(f"Selection: {SELECTION_WORDING}.")
+    lines.append(f"Split: every run shares one train/validation/test split (split seed {an.split.get('seed')}, "
+                 f"test_fraction {an.split.get('test_fraction')}, validation_fraction "
+                 f"{an.split.get('validation_fraction')}); the choice used validation records only, so the selected "
+                 "configuration's test numbers are not biased by the choice.")
+    lines.append(f"Not covered: {NOT_COVERED}. This report is private (it is computed from real test records and "
+                 f"their sensitive attributes); the public statement of the selection is {RELEASE}/selection.json.")
     nonpriv = [r for r in an.runs if not r.private]
     if nonpriv:
-        lines.append(f"The {len(nonpriv)} non-private reference run(s) (epsilon = inf) carry no privacy guarantee: "
-                     "never release their models or predictions.")
-    lines.append("Selecting by test AUROC also biases the selected configuration's test estimates upwards, and "
-                 "test-set metrics are not protected by DP (each run's statement covers its training records).")
+        lines.append(f"The {len(nonpriv)} non-private reference run(s) (epsilon = inf) carry no privacy guarantee and "
+                     "take no part in the selection: never release their models or predictions.")
     return lines
 
 
@@ -381,9 +406,15 @@ def _intro(an: Analysis) -> list[str]:
         f"Grid: epsilons {', '.join(spec.get('epsilons', sorted({eps_label(r.epsilon) for r in an.runs})))}; "
         f"seeds {', '.join(str(s) for s in spec.get('seeds', sorted({r.seed for r in an.runs})))}; "
         f"backends {', '.join(sorted({r.backend for r in an.runs}))}; {len(an.runs)} of {n_runs} runs finished.",
+        f"One train/validation/test split shared by every run (split seed {an.split.get('seed')}, apart from the "
+        f"training seed; test_fraction {an.split.get('test_fraction')}, validation_fraction "
+        f"{an.split.get('validation_fraction')}): the configuration is selected on validation records, every table "
+        "and plot below is on test records.",
         f"Decision threshold {an.threshold:g}, fixed before evaluation (never tuned on the test set). "
         f"CIs: {int(an.level * 100)}% percentile bootstrap over test examples, {an.n_boot} replicates, paired "
-        "across runs that share a seed (same split). 'sd' is the spread over seeds.",
+        "across all runs (one test set). 'sd' is the spread over seeds (training randomness).",
+        "PRIVATE: this report is computed from real test records and their sensitive attributes; never publish it. "
+        f"The public statement of the selection is {RELEASE}/selection.json.",
         f"Groups with fewer than {an.min_group_size} test examples or fewer than 5 of either class are flagged SMALL: "
         "shown in the per-group tables, left out of the gaps. worst-group AUROC = lowest AUROC over the groups "
         "of every single attribute.",
@@ -455,20 +486,24 @@ def render_markdown(an: Analysis, plot_files: dict[str, str]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_report(an: Analysis, out_dir: str | Path) -> dict[str, Path]:
-    """Write report.html, report.md, summary.csv and plots/*.png into ``out_dir``; returns their paths."""
-    out = Path(out_dir)
+def write_report(an: Analysis, sweep_dir: str | Path) -> dict[str, Path]:
+    """Write the report into the sweep directory: ``private/`` report.html, report.md, summary.csv and
+    plots/*.png, and ``release/selection.json``; returns their paths (keys html, md, csv, selection)."""
+    root = Path(sweep_dir)
+    out = root / PRIVATE
     plots = _plots(an)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     files = {}
     for name, png in plots.items():
         atomic_write_bytes(out / "plots" / f"{name}.png", png)
         files[name] = f"plots/{name}.png"
-    paths = {"html": out / "report.html", "md": out / "report.md", "csv": out / "summary.csv"}
+    paths = {"html": out / "report.html", "md": out / "report.md", "csv": out / "summary.csv",
+             "selection": root / RELEASE / "selection.json"}
     atomic_write_bytes(paths["html"], render_html(an, plots).encode())
     atomic_write_bytes(paths["md"], render_markdown(an, files).encode())
     frame: pd.DataFrame = an.summary_frame()
     atomic_write_bytes(paths["csv"], frame.to_csv(index=False).encode())
+    atomic_write_json(paths["selection"], selection_statement(an))
     return paths
 
 

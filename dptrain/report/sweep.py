@@ -1,17 +1,36 @@
 """Sweeps: one recipe trained over a grid of epsilon x seed (x backend), each point a normal run directory.
 
-Layout of a sweep directory ``DIR``::
+Layout of a sweep directory ``DIR`` (the release boundary of a run directory, applied to the sweep)::
 
-    DIR/sweep.json              the grid and the recipe it came from (written first, atomically)
-    DIR/runs/<backend>-eps<e>-seed<s>/   one ordinary run directory per point (see dptrain.run)
+    DIR/sweep.json              the grid, the recipe it came from and the one split every point shares
+                                (written first, atomically)
+    DIR/runs/<backend>-eps<e>-seed<s>/   one ordinary run directory per point: release/ + private/
+                                (see dptrain.lifecycle.RunDir)
     DIR/failures/<point>.txt    the error of a point that failed (removed when it later succeeds)
-    DIR/report.html, report.md, summary.csv, plots/   written by dptrain.report.build_report
+    DIR/private/                never publish: computed from real test and validation records and their
+                                sensitive attributes -- written by dptrain.report.build_report
+        report.html, report.md, summary.csv, plots/
+    DIR/release/selection.json  the public statement of the selection (build_report): the configuration
+                                chosen per backend, the composed epsilon of all private runs, the
+                                RepeatAndSelect bound with its assumption, the delta and the wording of the
+                                guarantee -- no metric values and no counts of records
 
 Guarantees and sharp edges:
 
-* Rerunning the same command resumes: finished points (``record.json`` present) are skipped, interrupted
-  ones continue from their checkpoint with the same ledger, failed ones are retried. A rerun with a
-  different grid or recipe in the same ``DIR`` is refused (the report would mix experiments).
+* One split for the whole sweep: a sweep varies only the training ``seed``; the train / validation / test
+  split depends on ``data.split_seed`` and the declared fractions, so every run has the same training
+  records, validation records and test records. A grid whose points would differ in the split is refused.
+* Selection on validation records, reporting on test records: if the recipe has no validation split
+  (``data.validation_fraction: 0``) the sweep sets ``data.validation_fraction`` to 0.2 for every point
+  (said in the progress output, recorded in sweep.json under ``split``). The report chooses a configuration
+  by validation AUROC only; test metrics never take part in the choice. Because the choice uses only the
+  runs' DP outputs (their models' scores on non-training records), publishing the chosen model costs at
+  most the composition of all private runs (stated in release/selection.json); RepeatAndSelect is stated
+  too, with the assumption it needs (a random number of runs), which a fixed grid does not meet.
+* Rerunning the same command resumes: finished points (``private/record.json`` present) are skipped,
+  interrupted ones (``release/config.yaml`` or ``private/checkpoint.pt`` present) continue with the same
+  ledger, failed ones are retried. A rerun with a different grid, recipe or split in the same ``DIR`` is
+  refused (the report would mix experiments).
 * Every point is an independent run with its own ledger: the sweep does not make any run's epsilon
   smaller or larger. The cost of *choosing* among the runs is stated by the report, not hidden.
 * ``executor="local"`` runs points in ``jobs`` spawned processes on this machine (each limited to its share
@@ -36,9 +55,12 @@ from typing import Any
 
 from accounting._io import atomic_write_bytes, atomic_write_json
 from dptrain.config import Recipe, RecipeError, dump_recipe, parse_recipe
+from dptrain.lifecycle import RunDir
 
-SWEEP_FORMAT = "dptrain.sweep/1"
+SWEEP_FORMAT = "dptrain.sweep/2"
 EXECUTORS = ("local", "ray")
+DEFAULT_VALIDATION_FRACTION = 0.2  # set for every point when the recipe has no validation split
+SPLIT_FIELDS = ("split_seed", "validation_fraction", "test_fraction")
 
 
 class SweepError(ValueError):
@@ -78,9 +100,39 @@ def parse_epsilons(text: str) -> list[float]:
     return out
 
 
+def validation_fraction(recipe: Recipe) -> tuple[float, bool]:
+    """(the validation fraction every point uses, whether the sweep set it): the recipe's, or
+    ``DEFAULT_VALIDATION_FRACTION`` when the recipe has none (a sweep selects on validation records)."""
+    v = float(recipe.data.validation_fraction)
+    return (v, False) if v > 0 else (DEFAULT_VALIDATION_FRACTION, True)
+
+
+def check_one_split(points: Sequence[tuple[SweepPoint, Recipe]]) -> dict[str, Any]:
+    """Refuse a grid whose points would not share one train / validation / test split (it would make one
+    run's test or validation records another run's training records); returns the shared split fields."""
+    if not points:
+        raise SweepError("sweep: no points; give --epsilons and --seeds")
+    p0, r0 = points[0]
+    ref = r0.data.model_dump(mode="json")
+    for p, r in points[1:]:
+        data = r.data.model_dump(mode="json")
+        if data == ref:
+            continue
+        diff = [k for k in SPLIT_FIELDS if data.get(k) != ref.get(k)] or sorted(
+            k for k in set(data) | set(ref) if data.get(k) != ref.get(k))
+        what = ", ".join(f"data.{k} {ref.get(k)!r} vs {data.get(k)!r}" for k in diff)
+        raise SweepError(f"sweep points {p0.name} and {p.name} would use different data splits ({what}); every run of "
+                         "a sweep must share one train/validation/test split: set data.split_seed and "
+                         "data.validation_fraction once in the recipe, not per point (a sweep varies only seed)")
+    return {k: ref[k] for k in SPLIT_FIELDS}
+
+
 def plan_points(recipe: Recipe, epsilons: Sequence[float], seeds: int,
                 backends: Sequence[str] | None = None) -> list[tuple[SweepPoint, Recipe]]:
-    """The grid, in run order (privately cheapest points last is not guaranteed; order is eps, seed, backend)."""
+    """The grid, in run order (privately cheapest points last is not guaranteed; order is eps, seed, backend).
+
+    Every point shares the recipe's split (``data.split_seed``); a recipe without a validation split gets
+    ``data.validation_fraction = DEFAULT_VALIDATION_FRACTION`` for every point."""
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise SweepError(f"--seeds: got {seeds!r}; give the number of seeds per epsilon, an integer >= 1")
     if not epsilons:
@@ -95,6 +147,8 @@ def plan_points(recipe: Recipe, epsilons: Sequence[float], seeds: int,
         raise SweepError("privacy.noise_multiplier is set in the recipe; a sweep sets privacy.epsilon per point, "
                          "so remove privacy.noise_multiplier (or --set privacy.noise_multiplier=null)")
     base = recipe.model_dump(mode="python")
+    val, set_here = validation_fraction(recipe)
+    base["data"]["validation_fraction"] = val
     out = []
     for eps in epsilons:
         for i in range(seeds):
@@ -106,12 +160,23 @@ def plan_points(recipe: Recipe, epsilons: Sequence[float], seeds: int,
                 try:
                     r = parse_recipe(tree)
                 except RecipeError as err:
-                    raise SweepError(f"sweep point {b} eps={eps_label(eps)}: {err}") from None
+                    fix = (f" (the sweep sets data.validation_fraction={val:g} because the recipe has no validation "
+                           "split; set data.validation_fraction yourself, e.g. --set data.validation_fraction=0.1)"
+                           if set_here and "validation_fraction" in str(err) else "")
+                    raise SweepError(f"sweep point {b} eps={eps_label(eps)}: {err}{fix}") from None
                 out.append((SweepPoint(b, eps, recipe.seed + i), r))
+    check_one_split(out)
     return out
 
 
 def _spec(recipe: Recipe, points: list[tuple[SweepPoint, Recipe]], threshold: float) -> dict[str, Any]:
+    split = check_one_split(points)
+    set_here = validation_fraction(recipe)[1]
+    split["validation_fraction_source"] = (
+        "set by the sweep (the recipe has data.validation_fraction 0): the report selects on validation records"
+        if set_here else "the recipe")
+    split["note"] = ("every run of the sweep shares this one train/validation/test split (the split seed is apart "
+                     "from the training seed, which is what the sweep varies)")
     return {
         "format": SWEEP_FORMAT,
         "recipe": dump_recipe(recipe),
@@ -119,6 +184,7 @@ def _spec(recipe: Recipe, points: list[tuple[SweepPoint, Recipe]], threshold: fl
         "seeds": sorted({p.seed for p, _ in points}),
         "backends": list(dict.fromkeys(p.backend for p, _ in points)),
         "points": [p.name for p, _ in points],
+        "split": split,
         "threshold": threshold,
     }
 
@@ -147,7 +213,8 @@ def run_point(recipe_yaml: str, run_dir: str, threads: int) -> dict[str, Any]:
     out = Path(run_dir)
     try:
         recipe = parse_recipe(yaml.safe_load(recipe_yaml))
-        resume = out.exists() and ((out / "config.yaml").exists() or (out / "checkpoint.pt").exists())
+        rd = RunDir(out)
+        resume = rd.config.exists() or rd.checkpoint.exists()
         t0 = time.time()
         train(recipe, out, resume=resume, progress=False)
         return {"status": "finished", "seconds": round(time.time() - t0, 1), "resumed": resume}
@@ -194,22 +261,31 @@ def run_sweep(recipe: Recipe, out_dir: str | Path, *, epsilons: Sequence[float],
     spec_path = out / "sweep.json"
     if spec_path.exists():
         old = json.loads(spec_path.read_text())
-        if {k: old.get(k) for k in ("recipe", "points")} != {k: spec[k] for k in ("recipe", "points")}:
-            raise SweepError(f"--out {out}: holds a different sweep (other recipe or grid); rerun the same command "
-                             "to resume it, or choose another --out")
+        keys = ("recipe", "points", "split")
+        if {k: old.get(k) for k in keys} != {k: spec[k] for k in keys}:
+            raise SweepError(f"--out {out}: holds a different sweep (other recipe, grid or split, or one from an "
+                             "earlier dptrain without a validation split); rerun the same command to resume it, or "
+                             "choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(spec_path, spec)
 
     statuses: dict[str, str] = {}
     todo: list[tuple[SweepPoint, Recipe]] = []
     for p, r in points:
-        if (out / "runs" / p.name / "record.json").exists():
+        if RunDir(out / "runs" / p.name).record.exists():
             statuses[p.name] = "skipped"
         else:
             todo.append((p, r))
     skipped = len(points) - len(todo)
     say(f"sweep {out}: {len(points)} runs ({skipped} already finished, {len(todo)} to run) "
         f"with executor={executor}, jobs={jobs}")
+    split = spec["split"]
+    if validation_fraction(recipe)[1]:
+        say(f"  the recipe has no validation split, so every run uses data.validation_fraction="
+            f"{split['validation_fraction']:g} (recorded in sweep.json): the report selects a configuration on "
+            "validation records and reports it on test records")
+    say(f"  one train/validation/test split for every run (data.split_seed={split['split_seed']}, "
+        f"test_fraction={split['test_fraction']:g}, validation_fraction={split['validation_fraction']:g})")
     if todo:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         tasks = [(p, dump_recipe(r), str(out / "runs" / p.name)) for p, r in todo]
@@ -282,5 +358,5 @@ def _run_ray(tasks, *, jobs, threads, address, on_done, say) -> None:
             ray.shutdown()
 
 
-__all__ = ["EXECUTORS", "SweepError", "SweepPoint", "SweepResult", "eps_label", "parse_epsilons",
-           "plan_points", "run_point", "run_sweep"]
+__all__ = ["DEFAULT_VALIDATION_FRACTION", "EXECUTORS", "SweepError", "SweepPoint", "SweepResult", "check_one_split",
+           "eps_label", "parse_epsilons", "plan_points", "run_point", "run_sweep", "validation_fraction"]

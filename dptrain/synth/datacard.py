@@ -1,7 +1,10 @@
 """DATACARD.md for a synthetic dataset: source, privacy statement, model, generation, evaluation.
 
 Rendered from the run's record only (every number in the card is in record.json), so the card and the
-record cannot disagree.
+record cannot disagree. ``public=True`` (release/DATACARD.md) renders only what the guarantee covers or
+what is public: the statement, the model and generation settings, the noisy label counts and statistics of
+the synthetic text itself -- no exact count of the real data and nothing computed from real records.
+``public=False`` (private/evaluation.md) adds the evaluation against the real records.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def _downstream_rows(ds: dict[str, Any]) -> list[str]:
     return rows
 
 
-def render_datacard(record: dict[str, Any]) -> str:
+def render_datacard(record: dict[str, Any], *, public: bool = True) -> str:
     p, d, ev = record["privacy"], record["data"], record["evaluation"]
     m, g, lc = record["model"], record["generation"], record["label_counts"]
     eps = p["epsilon"]
@@ -59,14 +62,10 @@ def render_datacard(record: dict[str, Any]) -> str:
         "- Public (not protected, not private): the base model, the tokenizer, the prompt template and label "
         "names, the recipe (hyperparameters chosen without looking at this data's results is the user's duty: "
         "hyperparameter search on the private data costs extra privacy, see `dptrain sweep`).",
-        f"- Training used {d['n_train_used']} of {d['n_train_available']} training records"
-        + (" (each kept independently by a keyed hash of its text, so using one record never depends on the "
-           "others)" if d["n_train_used"] < d["n_train_available"] else "")
-        + f" plus {d['canary_rows']} canary rows (synthetic secrets for the exposure test); {d['num_units']} "
-        "privacy units in all. Public: " + p.get("public", "n") + ".",
+        f"- Records: {p['units']['meaning']}. Public: {p['public']}.",
         "- Sharp edge: the unit is one record; a person with several records is protected less (group "
-        "privacy).", "- `checkpoint.pt` holds the secret noise seed and the canaries: never publish it; the "
-        "released model is `adapters/` (LoRA weights only).", "",
+        "privacy).", "- The released model is `adapters/` (LoRA weights only). `private/` (the evaluation, the "
+        "secret canaries, any kept checkpoint with the secret noise seed) is never published.", "",
         "## Model and generation",
         f"- Base model `{m['source']}`; LoRA r={m['lora']['r']}, alpha={m['lora']['alpha']}, modules "
         f"{m['lora']['target_modules']}, layers: {'all' if m['lora']['top_layers'] is None else 'last ' + str(m['lora']['top_layers'])}; "
@@ -74,6 +73,22 @@ def render_datacard(record: dict[str, Any]) -> str:
         "(prompt + text); prefix-LM loss (no loss on the prompt).",
         f"- Sampling: top-k {g['top_k']}, top-p {g['top_p']}, temperature {g['temperature']}, max "
         f"{g['max_new_tokens']} new tokens, seed {g['seed']}.", "",
+    ]
+    ss = record.get("synthetic_stats") or {}
+    if public:
+        lines += ["## The synthetic text (computed from the synthetic records only)",
+                  "| corpus | mean words | median words | distinct-1 | distinct-2 | vocabulary |",
+                  "|---|---|---|---|---|---|",
+                  f"| synthetic | {_f(ss.get('mean_words'), 1)} | {_f(ss.get('median_words'), 1)} | "
+                  f"{_f(ss.get('distinct_1'))} | {_f(ss.get('distinct_2'))} | {_f(ss.get('vocab_size'))} |", "",
+                  "The evaluation against real records (utility, fidelity, memorisation, canary exposure) is kept by "
+                  "the data owner in `private/evaluation.md`: it is computed on real records outside the "
+                  "mechanism, so it is not covered by the guarantee and not published with the data.", "",
+                  "## Provenance", f"- Software: {record['versions']}." if "versions" in record else "",
+                  "- Files: `synthetic.jsonl`, `DATACARD.md`, `adapters/`, `privacy.json` (the statement), "
+                  "`ledger.json` (every DP event), `config.yaml` (the recipe).", ""]
+        return "\n".join(lines)
+    lines += [
         "## Evaluation (for the data owner: computed on the real training and held-out records, NOT covered by "
         "the DP guarantee; do not publish this section with the data)",
         "### Downstream utility (train on X, test on real held-out)",
@@ -112,6 +127,7 @@ def render_datacard(record: dict[str, Any]) -> str:
     t = record["timing_seconds"]
     lines += ["", "## Provenance",
               f"- Training {t['training_this_session']} s, generation {t['generation']} s, evaluation "
-              f"{t['evaluation']} s (this session). Software: {record['versions']}.",
-              "- Files: `synthetic.jsonl`, `record.json` (all numbers above), `ledger.json`, `config.yaml`.", ""]
+              f"{t['evaluation']} s (this session). Software: {record.get('versions')}.",
+              "- PRIVATE: this file and `private/record.json` hold the evaluation against real records; the "
+              "releasable files are under `release/`.", ""]
     return "\n".join(lines)

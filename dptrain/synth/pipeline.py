@@ -1,87 +1,85 @@
 """`dptrain synth`: DP fine-tuning of a causal LM, label-conditioned generation, evaluation, datacard.
 
-Order (each step's privacy is accounted in one ledger, DESIGN invariant 1):
+Order (each release is accounted in one ledger under add/remove one record, DESIGN invariants 1 and 9):
 
-1. Real training records (optionally a seeded random subset: a public choice) + secret canary sentences
-   (each copy its own privacy unit; inserted 1x / 10x to measure exposure). One record = one unit.
-2. Generation targets per label: a Gaussian-noised label histogram (its event composed into the ledger as
-   ``label_histogram``; the training noise is calibrated so histogram + training meet the target epsilon),
+1. Real training records (optionally a public share ``synthesis.train_fraction``: each record kept
+   independently by a keyed hash of its own text, so adding a record never changes whether another is used)
+   + secret canary sentences (each copy its own privacy unit; inserted 1x / 10x to measure exposure).
+2. The number of records: a Gaussian DP count (``unit_count``) or a declared public size; q = B / that.
+3. Generation targets per label: a Gaussian-noised label histogram (sensitivity 1; ``label_histogram``),
    or a declared public prior (no cost). Raw counts are never used.
-3. LoRA adapters trained with THE loop on the Opacus backend (prefix-LM loss: the prompt is public and
-   not learned); per-record clipping, Poisson sampling, noise once per step.
-4. Generation (top-k / top-p, seeded) from the public prompt template: post-processing, no extra cost.
-5. Evaluation against real held-out records (downstream TF-IDF + LR, fidelity, memorisation, canary
-   exposure). The evaluation numbers use real data and are NOT covered by the guarantee (stated).
+4. LoRA adapters trained with THE loop on the Opacus backend (prefix-LM loss: the prompt is public and
+   not learned); per-record clipping, Poisson sampling, noise once per step. The training noise is
+   calibrated so that count + histogram + training meet the target epsilon.
+5. Generation (top-k / top-p, seeded) from the public prompt template: post-processing, no extra cost.
+6. Evaluation against real records (downstream TF-IDF + LR, fidelity, memorisation, canary exposure): NOT
+   covered by the guarantee, written to ``private/`` only.
 
-Crash safety as ``dptrain train``: an atomic checkpoint (adapters, optimiser, ledger, step, secret seed,
-noisy label counts, canaries) per epoch; ``--resume`` continues without re-spending privacy.
+The run lifecycle (directory, resume, budget, release boundary) is :mod:`dptrain.lifecycle`'s.
+``release/``: synthetic.jsonl, DATACARD.md (statement, generation settings, statistics of the synthetic
+text only), adapters/ (LoRA weights), privacy.json, ledger.json, config.yaml. ``private/``: record.json and
+evaluation.md (the evaluation against real records), state.json (noisy counts, the secret canaries),
+metrics.jsonl, the checkpoint while the run is unfinished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import secrets
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import accounting as acc
-from accounting._io import atomic_write_bytes, atomic_write_json
-from dptrain.config import Recipe, dump_recipe
-from dptrain.run import (
-    CHECKPOINT,
-    RunError,
-    RunResult,
-    _jsonable,
-    _read_run_id,
-    _versions,
-    check_out_dir,
-    fit,
-)
+from accounting._io import atomic_write_bytes
+from dptrain.config import Recipe
+from dptrain.lifecycle import RunError, RunResult, Session, privacy_statement
 from dptrain.trainers.base import TrainerError
-from dptrain.trainers.checkpoint import load_checkpoint
 from dptrain.trainers.plan import PrivacyPlan
 from dptrain.trainers.sampler import UnitSampler
 
 SYNTHETIC = "synthetic.jsonl"
 DATACARD = "DATACARD.md"
+EVALUATION = "evaluation.md"
+COVERS = ("the training records (add/remove one record) for everything under release/: synthetic.jsonl, "
+          "DATACARD.md, adapters/ (the LoRA weights), the noisy label counts, this statement and the ledger. NOT "
+          "covered, never to be published: private/ (the evaluation computed on the real training and held-out "
+          "records, including a separate DP classifier run; the secret canaries; the checkpoint with the secret "
+          "noise seed)")
+PUBLIC = ("the base model, tokenizer, prompt template and label names, the recipe (incl. synthesis.train_fraction), "
+          "and the number of records as stated in 'units'")
 
 
 def _load(recipe: Recipe):
-    from dptrain.data.text import load_text
+    from dptrain.data.text import load_text_from_config
 
-    d = recipe.data
-    return load_text(d.source, text_column=d.text or "text", label_column=d.label or "label",
-                     positive_label=d.positive_label, test_fraction=d.test_fraction, seed=recipe.seed)
+    return load_text_from_config(recipe.data)
 
 
-def _subset(texts: list[str], size: int | None, seed: int) -> np.ndarray:
-    """Indices of a random subset of about ``size`` records: each record is kept independently, by a keyed
-    hash of its own text and the seed with probability size / n, so whether a record is used never depends
-    on the other records (the guarantee then holds with respect to the whole pool, n treated as public)."""
-    import hashlib
-
+def _subset(texts: list[str], fraction: float | None, seed: int) -> np.ndarray:
+    """Indices of the records kept for training: each record independently, iff a keyed hash of its own text
+    and the seed is below the public ``fraction`` -- whether a record is used never depends on the others or on
+    how many there are."""
     n = len(texts)
-    if size is None or size >= n:
+    if fraction is None or fraction >= 1:
         return np.arange(n)
     u = np.array([int.from_bytes(hashlib.sha256(f"{seed}\x00{t}".encode()).digest()[:8], "little") / 2.0 ** 64
                   for t in texts])
-    return np.flatnonzero(u < size / n)
+    return np.flatnonzero(u < fraction)
 
 
-def _canaries(recipe: Recipe, classes: list[str]) -> list[dict[str, Any]]:
+def _canaries(recipe: Recipe, classes: list[str], rng: np.random.Generator | None = None) -> list[dict[str, Any]]:
     """Secret canary records: ``count`` distinct sentences per repetition count, from OS entropy."""
     from dptrain.synth.evaluate import make_canaries
 
     ev = recipe.synthesis.evaluation
     if not ev.canaries:
         return []
-    rng = np.random.default_rng(secrets.randbits(128))
+    rng = rng or np.random.default_rng(secrets.randbits(128))
     texts = make_canaries(rng, ev.canaries * len(ev.canary_repetitions))
     label = len(classes) - 1  # one public label for all canaries: one shared reference set
     return [{"text": t, "label": label, "repetitions": r}
@@ -89,10 +87,11 @@ def _canaries(recipe: Recipe, classes: list[str]) -> list[dict[str, Any]]:
 
 
 def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed: int | None = None,
-               progress: bool = True) -> RunResult:
-    """Fine-tune, generate, evaluate; writes synthetic.jsonl, DATACARD.md, record.json (see module doc)."""
+               progress: bool = True, keep_checkpoint: bool = False) -> RunResult:
+    """Fine-tune, generate, evaluate; see the module docstring for what goes where."""
     import torch
 
+    from dptrain.data.identity import dataset_identity
     from dptrain.synth.histogram import dp_label_counts, histogram_event, records_per_label
     from dptrain.synth.lm import PrefixLMTask, add_lora, encode_records, load_causal_lm
     from dptrain.trainers.opacus_backend import OpacusTrainer, resolve_device
@@ -107,34 +106,24 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
                        "run it without torchrun")
     syn = recipe.synthesis
     out = Path(out_dir)
-    finished = check_out_dir(out, resume)
-    if finished is not None:
-        return RunResult(out, finished)
+    session = Session(recipe, out, resume=resume, keep_checkpoint=keep_checkpoint)
+    if session.finished is not None:
+        return RunResult(out, session.finished)
+    rd = session.rd
 
     # ---- validate before writing anything ----
     data = _load(recipe)
     if syn.prior is not None and len(syn.prior) != len(data.classes):
-        raise RunError(f"synthesis.prior: {len(syn.prior)} weights for {len(data.classes)} classes {data.classes}; "
-                       "give one weight per class")
-    config_text = dump_recipe(recipe)
-    if resume and (out / "config.yaml").exists() and (out / "config.yaml").read_text() != config_text:
-        raise RunError(f"--resume: the recipe differs from {out / 'config.yaml'}; resume with the same recipe")
-    keep = _subset(data.texts_train, syn.max_train_records, recipe.seed)
+        raise RunError(f"synthesis.prior: {len(syn.prior)} weights for the {len(data.classes)} declared classes "
+                       f"{data.classes}; give one weight per class")
+    keep = _subset(data.texts_train, syn.train_fraction, recipe.seed)
     texts = [data.texts_train[i] for i in keep]
     labels = data.y_train[keep].astype(np.int64)
-    state = load_checkpoint(out / CHECKPOINT) if resume and (out / CHECKPOINT).exists() else None
-    canaries = json.loads(state["canaries"]) if state else _canaries(recipe, data.classes)
-    n_canary_rows = sum(c["repetitions"] for c in canaries)
-    num_units = len(texts) + n_canary_rows
-    # the number of units is public (as q = B/n is): the histogram is charged at the replace-one sensitivity
-    # sqrt(2), so it stays DP when n is known (the add/remove sensitivity 1 would not)
-    hist_event = (histogram_event(syn.histogram_noise_multiplier, acc.REPLACE_ONE)
-                  if syn.label_counts == "dp_histogram" else None)
-    plan = PrivacyPlan.from_recipe(recipe, num_units, "example",
-                                   releases=(("label_histogram", hist_event),) if hist_event else ())
-    if plan.mode == "dp" and plan.target_epsilon is not None and plan.planned_ledger().epsilon(plan.delta) > \
-            plan.target_epsilon:  # calibration guarantees this never happens; check anyway
-        raise RunError("plan: planned epsilon exceeds the target; refusing")
+    ev_cfg = syn.evaluation
+    n_canary_rows = ev_cfg.canaries * sum(ev_cfg.canary_repetitions)  # public: from the recipe
+    hist_event = histogram_event(syn.histogram_noise_multiplier) if syn.label_counts == "dp_histogram" else None
+    plan = session.make_plan(len(texts), public_extra=n_canary_rows, privacy_unit="example",
+                             releases=(("label_histogram", hist_event),) if hist_event else ())
     model, tok = load_causal_lm(recipe.model.source)
     lm = recipe.model
     try:
@@ -144,40 +133,35 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
         raise TrainerError(f"model.lora: {err}") from None
     lora.to(resolve_device(recipe.trainer.device))
     prompts = {c: syn.prompt.format(label=c) for c in data.classes}
-    for c in canaries:  # exposure scores whole canaries: they must fit untruncated
+    for c in _canaries(recipe, data.classes, np.random.default_rng(0)):  # same format as the secret ones
         need = len(tok(prompts[data.classes[c["label"]]] + c["text"], add_special_tokens=False)["input_ids"]) + 1
         if need > lm.max_length:
             raise RunError(f"model.max_length: {lm.max_length} tokens cannot hold a canary with its prompt ({need}); "
                            "raise model.max_length or shorten synthesis.prompt")
+    session.reserve_budget(dataset_identity(recipe.data))
+
+    # ---- start or resume: the noisy counts and secret canaries are drawn once and kept in private/state.json
+    def fresh_state() -> dict[str, Any]:
+        state: dict[str, Any] = {"canaries": _canaries(recipe, data.classes), "noisy_label_counts": None}
+        if hist_event is not None:
+            noisy, _ = dp_label_counts(labels, len(data.classes), noise_multiplier=syn.histogram_noise_multiplier,
+                                       secure=recipe.privacy.secure_rng)
+            state["noisy_label_counts"] = noisy.tolist()
+        return state
+
+    session.start(dp_seed, fresh_state)
+    canaries = session.state["canaries"]
+    noisy = None if session.state["noisy_label_counts"] is None else np.asarray(session.state["noisy_label_counts"])
     all_texts = texts + [c["text"] for c in canaries for _ in range(c["repetitions"])]
     all_labels = np.concatenate([labels, np.array([c["label"] for c in canaries for _ in range(c["repetitions"])],
                                                   np.int64)])
     x_tok, y_tok = encode_records(tok, [prompts[data.classes[k]] for k in all_labels], all_texts,
                                   max_length=lm.max_length)
-
-    # ---- start or resume ----
-    out.mkdir(parents=True, exist_ok=True)
-    metrics: list[dict[str, Any]] = []
-    if state is not None:
-        ledger = acc.PrivacyLedger.from_dict(json.loads(state["ledger"]))
-        dp_seed, start = int(state["dp_seed"]), int(state["step"])
-        metrics = json.loads(state["metrics"])
-        noisy = np.array(json.loads(state["noisy_label_counts"]), float) if hist_event else None
-    else:
-        dp_seed = secrets.randbits(63) if dp_seed is None else int(dp_seed)
-        ledger, start = plan.new_ledger(run=out.name, recipe=recipe.name), 0
-        noisy = None
-        if hist_event is not None:
-            noisy, event = dp_label_counts(labels, len(data.classes), noise_multiplier=syn.histogram_noise_multiplier,
-                                           relation=acc.REPLACE_ONE, secure=recipe.privacy.secure_rng)
-            ledger.compose(event, label="label_histogram")
-        atomic_write_bytes(out / "config.yaml", config_text.encode())
-        atomic_write_bytes(out / "run_id", f"{out.name}-{uuid.uuid4().hex[:12]}".encode())
-    extra = {"canaries": json.dumps(canaries), "noisy_label_counts": json.dumps(None if noisy is None else noisy.tolist())}
+    num_units = len(all_texts)
 
     cache_below = lm.lora.top_layers if lm.lora.top_layers and lm.lora.cache_frozen_layers else None
     t0 = time.time()
-    if start < plan.steps:
+    if session.start_step < plan.steps:
         with _bar(len(x_tok), "caching frozen layers", progress and cache_below is not None) as bar:
             task = PrefixLMTask(lora, x_tok, cache_below=cache_below, progress=bar.update)
     else:
@@ -186,16 +170,15 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
                             secure_rng=recipe.privacy.secure_rng, task=task, device=recipe.trainer.device)
     with torch.random.fork_rng():
         torch.manual_seed(recipe.seed)
-        trainer.init(lora, plan, seed=recipe.seed, dp_seed=dp_seed)
-    if state is not None:
-        trainer.load_state_dict(state["trainer"])
+        trainer.init(lora, plan, seed=recipe.seed, dp_seed=session.dp_seed)
+    if session.checkpoint is not None:
+        trainer.load_state_dict(session.checkpoint["trainer"])
+        session.checkpoint = None
     rows = np.arange(len(x_tok))[:, None]
-    sampler = UnitSampler(np.arange(num_units), num_units, plan.scheme, dp_seed=dp_seed,
+    sampler = UnitSampler(np.arange(num_units), num_units, plan.scheme, dp_seed=session.dp_seed,
                           secure=recipe.privacy.secure_rng)
-    fit(trainer, sampler, plan, ledger, rows, y_tok, np.arange(num_units), out, start=start, dp_seed=dp_seed,
-        metrics=metrics, progress=progress, log_loss=not canaries, state_extra=extra)
+    session.fit(trainer, sampler, rows, y_tok, np.arange(num_units), progress=progress, log_loss=not canaries)
     train_seconds = time.time() - t0
-    ledger.save(out / "ledger.json")
 
     # ---- generate (post-processing) ----
     weights = noisy if noisy is not None else np.asarray(syn.prior, float)
@@ -213,55 +196,47 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
                                  batch_size=gen.batch_size, seed=gen.seed + 1000 * k, progress=bar.update):
                 records.append({"text": text, "label": c})
     gen_seconds = time.time() - t1
-    atomic_write_bytes(out / SYNTHETIC, "".join(json.dumps(r) + "\n" for r in records).encode())
+    atomic_write_bytes(rd.release / SYNTHETIC, "".join(json.dumps(r) + "\n" for r in records).encode())
+    model_out.save_pretrained(rd.release / "adapters")  # the released model: LoRA adapters only
 
-    # the released model: LoRA adapters only (checkpoint.pt also holds the secret noise seed: never publish it)
-    model_out.save_pretrained(out / "adapters")
-
-    # ---- evaluate (uses the real training and held-out records: not covered by the guarantee) ----
-    from dptrain.run import privacy_statement
-
-    statement = privacy_statement(plan, ledger, recipe)
-    sens = acc.histogram_sensitivity(acc.REPLACE_ONE)
-    statement["releases"] = {"label_histogram": None if hist_event is None else {
-        "noise_std": syn.histogram_noise_multiplier * sens, "l2_sensitivity": sens}}
-    statement["public"] = ("the number of training records (n; q = B/n as in all DP-SGD accounting), the base "
-                           "model, tokenizer, prompt template and label names, the recipe")
-    statement["covers"] = ("the training records (one record = one unit) for what is meant for release: "
-                           "synthetic.jsonl, adapters/, the noisy label counts. NOT covered: the evaluation "
-                           "(computed on the real training and held-out records, including a separate DP "
-                           "classifier run) and checkpoint.pt (it holds the secret noise seed); keep both private")
+    # ---- evaluate (uses the real training and held-out records: private) ----
+    releases = {} if hist_event is None else {"label_histogram": {
+        "noise_std": syn.histogram_noise_multiplier, "l2_sensitivity": 1.0}}
+    statement = privacy_statement(plan, session.ledger, recipe, session.count, releases=releases, covers=COVERS,
+                                  public=PUBLIC)
     t2 = time.time()
     evaluation = evaluate_synthetic(recipe, data, texts, labels, records, canaries, model_out, tok, prompts,
                                     statement, progress=progress)
+    from dptrain.synth import evaluate as ev
+    from dptrain.synth.datacard import render_datacard
+
     record = {
         "format": "dptrain.synth-record/1",
         "status": "finished",
         "recipe": recipe.name,
-        "privacy": statement,
         "label_counts": {"mode": syn.label_counts,
                          "noisy_counts": None if noisy is None else dict(zip(data.classes, noisy.tolist(), strict=True)),
                          "prior": syn.prior, "generated": dict(zip(data.classes, targets.tolist(), strict=True))},
         "model": {"source": lm.source, "lora": lm.lora.model_dump(), "max_length": lm.max_length,
                   "trainable_parameters": int(sum(p.numel() for p in trainer.parameters()))},
         "generation": gen.model_dump(),
+        "synthetic_stats": _safe(ev.text_stats, [r["text"] for r in records]),
         "data": {"source": data.source, "classes": data.classes, "n_train_available": len(data.texts_train),
                  "n_train_used": len(texts), "n_test": len(data.texts_test), "canary_rows": n_canary_rows,
-                 "num_units": num_units, "privacy_unit": "record", "preprocessing": data.preprocessing},
+                 "num_units": num_units, "privacy_unit": "example", "train_fraction": syn.train_fraction,
+                 "preprocessing": data.preprocessing,
+                 "note": "exact counts: private (the statement releases only 'units')"},
         "evaluation": evaluation,
-        "metrics": metrics,
+        "metrics": session.metrics,
         "timing_seconds": {"training_this_session": round(train_seconds, 1), "generation": round(gen_seconds, 1),
                            "evaluation": round(time.time() - t2, 1)},
-        "files": {"synthetic": SYNTHETIC, "datacard": DATACARD, "ledger": "ledger.json", "adapters": "adapters/",
-                  "private": ["checkpoint.pt (secret noise seed, canaries)"]},
-        "run_id": _read_run_id(out),
-        "versions": _versions(),
     }
-    record = _jsonable(record)
-    from dptrain.synth.datacard import render_datacard
+    from dptrain.lifecycle import software_versions
 
-    atomic_write_bytes(out / DATACARD, render_datacard(record).encode())
-    atomic_write_json(out / "record.json", record)
+    full = {**record, "privacy": statement, "versions": software_versions()}
+    atomic_write_bytes(rd.release / DATACARD, render_datacard(full, public=True).encode())
+    atomic_write_bytes(rd.private / EVALUATION, render_datacard(full, public=False).encode())
+    record = session.finish(statement, record)
     return RunResult(out, record)
 
 
@@ -307,10 +282,10 @@ def evaluate_synthetic(recipe: Recipe, data, train_texts: list[str], train_y: np
         "classifier": "TF-IDF (1-2 grams, fitted on the classifier's training texts) + logistic regression; "
                       "tested on the real held-out split. real_dp: the same task by DP-SGD logistic regression on "
                       "hashed features of the real training records at the same epsilon -- a separate DP run "
-                      "whose cost is not in this run's ledger (a reference, not for release)",
+                      "whose cost is not in this run's ledger: a private reference, never released",
     }
     eps = statement["epsilon"]
-    if cfg.dp_baseline and eps != "inf":
+    if cfg.dp_baseline and eps != "inf":  # a second DP run on the same records: private, never released
         out["downstream"]["real_dp"] = dp_text_classifier(
             train_texts, train_y, data.texts_test, data.y_test, epsilon=float(eps), delta=statement["delta"],
             seed=recipe.seed)
@@ -408,7 +383,9 @@ def dp_text_classifier(train_texts, train_y, test_texts, test_y, *, epsilon: flo
                         "privacy": {"epsilon": epsilon, "delta": delta, "clipping_norm": 1.0},
                         "optimizer": {"name": "adam", "lr": 0.05},
                         "training": {"epochs": epochs, "batch_size": min(batch_size, len(y))}, "seed": seed})
-    plan = PrivacyPlan.from_recipe(rec, len(y))
+    from dptrain.trainers.plan import count_units
+
+    plan = PrivacyPlan.from_recipe(rec, count_units(rec, len(y)))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = build_torch_model(rec.model, n_features, 2)
@@ -416,6 +393,8 @@ def dp_text_classifier(train_texts, train_y, test_texts, test_y, *, epsilon: flo
     dp_seed = secrets.randbits(63)
     trainer.init(model, plan, seed=seed, dp_seed=dp_seed)
     ledger = plan.new_ledger(run="dp-text-baseline")
+    for label, event in plan.releases:
+        ledger.compose(event, label=label)
     units = np.arange(len(y))
     run_loop(trainer, UnitSampler(units, len(y), plan.scheme, dp_seed=dp_seed), plan, ledger, x, y, units)
     m = utility_metrics(np.asarray(test_y), trainer.predict(xt)[:, 1])

@@ -375,6 +375,14 @@ class JaxTrainer:
             self.ema = self._replicate(self._unflat(state["ema"], self.params, "EMA parameters"))
         self.params, self.others, self.opt_state = self._replicate((self.params, self.others, self.opt_state))
 
+    def release_weights(self) -> dict[str, np.ndarray]:
+        """The weights ``predict`` uses (the EMA parameters with ``ema``), float32 numpy arrays keyed by flax path
+        joined with "/" (``Dense_0/kernel``); variables of other collections (none in the built-in models) as
+        ``COLLECTION/path``. See :func:`dptrain.release.flax_weight_dict`."""
+        from dptrain.release import flax_weight_dict
+
+        return flax_weight_dict(self.params if self.ema is None else self.ema, self.others)
+
     def flat_params(self) -> np.ndarray:
         """All trainable parameters, flattened (``jax.flatten_util.ravel_pytree`` order)."""
         return np.asarray(ravel_pytree(self.params)[0])

@@ -347,6 +347,21 @@ class OpacusTrainer:
                     p.copy_(v)
         return np.concatenate(out) if out else np.zeros((0, 2))
 
+    @torch.no_grad()
+    def release_weights(self) -> dict[str, np.ndarray]:
+        """The weights ``predict`` uses (the EMA parameters with ``ema``), float32 numpy arrays keyed by the plain
+        module's ``state_dict`` names (no GradSampleModule / DPDDP prefix); buffers as they are."""
+        module = self.module
+        while hasattr(module, "_module"):  # defensive: never the wrapper's "_module." names
+            module = module._module
+        out = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        if self.ema is not None:
+            index = {id(p): i for i, p in enumerate(module.parameters())}
+            for name, p in module.named_parameters(remove_duplicate=False):
+                out[name] = self.ema[index[id(p)]].detach().cpu()
+        return {k: np.ascontiguousarray(v.numpy(), dtype=np.float32) if v.is_floating_point() else v.numpy().copy()
+                for k, v in out.items()}
+
     def _frozen(self) -> set[str]:
         return {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
 

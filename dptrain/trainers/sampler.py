@@ -39,7 +39,7 @@ class UnitSampler:
         if units.ndim != 1 or (len(units) and (units.min() < 0 or units.max() >= num_units)):
             raise ValueError(f"units: expected unit indices in [0, {num_units}), got range "
                              f"[{units.min() if len(units) else None}, {units.max() if len(units) else None}]")
-        if isinstance(scheme, (acc.FixedSizeSampling, acc.ShuffledEpochs, acc.TruncatedPoissonSampling)):
+        if isinstance(scheme, (acc.FixedSizeSampling, acc.TruncatedPoissonSampling)):
             if scheme.dataset_size != num_units:
                 raise ValueError(f"sampling: scheme dataset_size {scheme.dataset_size} != number of units {num_units}")
         if secure and isinstance(scheme, acc.ShuffledEpochs):
@@ -69,11 +69,11 @@ class UnitSampler:
         if isinstance(s, acc.FixedSizeSampling):
             keys = self._uniform(self.num_units, 3, step)
             return np.sort(np.argsort(keys)[: s.batch_size])
-        if isinstance(s, acc.ShuffledEpochs):
+        if isinstance(s, acc.ShuffledEpochs):  # each unit picks one of k batches per epoch, independently
             k = s.steps_per_epoch()
             epoch, pos = divmod(step, k)
-            perm = np.argsort(self._rng(2, epoch).random(self.num_units))
-            return np.sort(perm[pos * s.batch_size:(pos + 1) * s.batch_size])
+            bins = np.minimum((self._rng(2, epoch).random(self.num_units) * k).astype(np.int64), k - 1)
+            return np.flatnonzero(bins == pos)
         raise TypeError(f"sampling: unsupported scheme {s!r}")
 
     def sample(self, step: int) -> np.ndarray:

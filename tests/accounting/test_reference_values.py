@@ -255,7 +255,7 @@ def test_relations_agree_on_gaussian_in_our_convention():
 
 
 # ---------------------------------------------------------------------------------------------
-# Shuffled epochs: one Gaussian per epoch at sensitivity 2C
+# Shuffled epochs: one Gaussian per epoch at sensitivity C (add/remove: one unit changes one batch)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -264,7 +264,8 @@ def test_shuffled_epochs_is_one_gaussian_per_epoch(sigma, epochs):
     scheme = ShuffledEpochs(10000, 100)
     assert scheme.steps_per_epoch() == 100
     led = ledger_for(scheme, sigma, 100 * epochs)
-    exact = gaussian_eps(DELTA, math.sqrt(epochs) / (sigma / 2))
+    assert scheme.relation == "add_or_remove"
+    exact = gaussian_eps(DELTA, math.sqrt(epochs) / sigma)
     assert led.epsilon(DELTA) == pytest.approx(exact, rel=1e-3)
     assert led.epsilon(DELTA) >= exact - 1e-9
     assert led.epsilon(DELTA, accountant="rdp") >= exact - 1e-9
@@ -273,7 +274,7 @@ def test_shuffled_epochs_is_one_gaussian_per_epoch(sigma, epochs):
 def test_shuffled_epochs_mid_epoch_costs_a_full_epoch():
     scheme = ShuffledEpochs(10000, 100)
     sigma = 2.0
-    two_epochs = gaussian_eps(DELTA, math.sqrt(2) / (sigma / 2))
+    two_epochs = gaussian_eps(DELTA, math.sqrt(2) / sigma)
     e150 = ledger_for(scheme, sigma, 150).epsilon(DELTA)
     e200 = ledger_for(scheme, sigma, 200).epsilon(DELTA)
     assert e150 == e200

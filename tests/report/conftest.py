@@ -1,5 +1,8 @@
 """One small real sweep shared by the report tests (ACTG175, Opacus, 1 epoch, tiny MLP, 200 canaries).
 
+The sweep sets data.validation_fraction=0.2 (the recipe has none): every run shares one train/validation/test
+split; the report goes to DIR/private/, the selection statement to DIR/release/selection.json.
+
 Both backends in one sweep run in `make demo`; here JAX would only add compile time."""
 
 from __future__ import annotations

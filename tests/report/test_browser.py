@@ -33,7 +33,7 @@ def _chromium() -> str | None:
                     "`make test` installs it when run as root) - the browser check of report.html did not run")
 def test_report_renders_in_headless_chromium(sweep_dir, tmp_path):
     page = tmp_path / "report.html"
-    page.write_text((sweep_dir / "report.html").read_text().replace("</body>", CHECK + "</body>"))
+    page.write_text((sweep_dir / "private" / "report.html").read_text().replace("</body>", CHECK + "</body>"))
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]

@@ -22,8 +22,9 @@ def test_sweep_with_ray_executor(tmp_path):
     assert res.statuses == {"opacus-eps2-seed0": "finished", "opacus-epsinf-seed0": "finished"}
     assert any("ray: 2 CPUs" in s for s in lines), lines
     assert not ray.is_initialized()  # the local Ray this sweep started is shut down
-    rec = json.loads((out / "runs" / "opacus-eps2-seed0" / "record.json").read_text())
+    rec = json.loads((out / "runs" / "opacus-eps2-seed0" / "private" / "record.json").read_text())
     assert rec["privacy"]["epsilon"] <= 2.0
-    build_report(out, n_boot=200)
-    summary = pd.read_csv(out / "summary.csv")
+    paths = build_report(out, n_boot=200)
+    summary = pd.read_csv(paths["csv"])
+    assert paths["csv"] == out / "private" / "summary.csv" and (out / "release" / "selection.json").exists()
     assert sorted(summary.run) == ["opacus-eps2-seed0", "opacus-epsinf-seed0"]

@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 import accounting as acc
 from dptrain.cli import main
+from dptrain.lifecycle import RunDir
 from dptrain.report import ReportError, analyse
 from tests.report.conftest import THRESHOLD
 
@@ -31,11 +32,15 @@ def an(sweep_analysis):
 
 @pytest.fixture(scope="module")
 def summary(sweep_dir):
-    return pd.read_csv(sweep_dir / "summary.csv")
+    return pd.read_csv(sweep_dir / "private" / "summary.csv")
+
+
+def _rd(sweep_dir, run) -> RunDir:
+    return RunDir(sweep_dir / "runs" / run)
 
 
 def _preds(sweep_dir, run):
-    return pd.read_parquet(sweep_dir / "runs" / run / "predictions.parquet")
+    return pd.read_parquet(_rd(sweep_dir, run).private / "predictions.parquet")
 
 
 def _eligible(frame, col, min_size=30):
@@ -52,8 +57,9 @@ def test_summary_has_one_row_per_run_with_required_columns(sweep_dir, summary):
     for row in summary.itertuples():
         p = _preds(sweep_dir, row.run)
         assert row.auroc == pytest.approx(roc_auc_score(p.y_true, p.score), abs=1e-12)
-        rec = json.loads((sweep_dir / "runs" / row.run / "record.json").read_text())
+        rec = _rd(sweep_dir, row.run).finished_record()
         assert row.auroc == pytest.approx(rec["metrics"]["test"]["auroc"], abs=1e-9)
+        assert row.validation_auroc == pytest.approx(rec["metrics"]["validation"]["auroc"], abs=1e-12)
         assert row.threshold == THRESHOLD
 
 
@@ -127,30 +133,29 @@ def test_selection_cost_is_stated_and_correct(sweep_dir, an, summary):
         assert s["n_private_runs"] == len(runs)
         total = acc.PrivacyLedger()
         for r in runs.run:
-            total.extend(acc.PrivacyLedger.load(sweep_dir / "runs" / r / "ledger.json"))
+            total.extend(acc.PrivacyLedger.load(_rd(sweep_dir, r).ledger))
         indep = total.epsilon(s["delta"])
         # the report may use a coarser (pessimistic) PLD grid: an upper bound, never below the fine value
         assert indep <= s["composition_epsilon"] <= indep * 1.02
         assert s["composition_epsilon"] > runs.epsilon_spent.max()
     assert math.isfinite(an.selection["opacus"]["repeat_and_select_epsilon"])
     assert an.selection["opacus"]["repeat_and_select_epsilon"] > 4
-    md = (sweep_dir / "report.md").read_text()
+    md = (sweep_dir / "private" / "report.md").read_text()
     assert "RepeatAndSelect (Papernot & Steinke 2022, RDP)" in md and "private runs composed" in md
 
 
-def test_repeat_and_select_refused_for_truncated_poisson_runs():
-    """The JAX backend's truncated-Poisson events are PLD-only: RepeatAndSelect (RDP) is not available."""
-    from types import SimpleNamespace
-
+def test_repeat_and_select_refused_for_events_rdp_cannot_analyse():
+    """RepeatAndSelect is RDP-only: events the RDP accountant cannot analyse (here truncated-Poisson steps, a
+    PLD-only event) make it 'not available' with the accountant's reason, whatever the backend."""
     from dptrain.report.analysis import _repeat_and_select
 
     scheme = acc.TruncatedPoissonSampling.with_headroom(256, 1604)
     led = acc.PrivacyLedger()
     led.compose(scheme.step_event(1.5), 10)
-    run = SimpleNamespace(record={"privacy": {"sampling": scheme.name, "sampling_rate": scheme.sampling_rate,
-                                              "steps": 10, "noise_multiplier": 1.5}})
-    out = _repeat_and_select([run, run], [led, led], 1e-5)
-    assert math.isnan(out["repeat_and_select_epsilon"]) and "truncated Poisson" in out["repeat_and_select_note"]
+    out = _repeat_and_select([led, led], 1e-5)
+    assert math.isnan(out["repeat_and_select_epsilon"])
+    assert "RDP accountant cannot analyse them" in out["repeat_and_select_note"]
+    assert "does not satisfy it" in out["repeat_and_select_assumption"]
 
 
 def test_groups_below_min_size_are_flagged_not_hidden(an):
@@ -162,7 +167,7 @@ def test_groups_below_min_size_are_flagged_not_hidden(an):
 
 
 def test_report_files(sweep_dir, summary):
-    html = (sweep_dir / "report.html").read_text()
+    html = (sweep_dir / "private" / "report.html").read_text()
     imgs = re.findall(r"<img alt='([^']+)' src='data:image/png;base64,([^']+)'>", html)
     assert len(imgs) == 6
     for _, b64 in imgs:
@@ -170,9 +175,9 @@ def test_report_files(sweep_dir, summary):
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", html), "report.html must open offline"
     for run in summary.run:
         assert run in html
-    md = (sweep_dir / "report.md").read_text()
+    md = (sweep_dir / "private" / "report.md").read_text()
     for f in re.findall(r"\]\((plots/[^)]+)\)", md):
-        assert (sweep_dir / f).stat().st_size > 1000
+        assert (sweep_dir / "private" / f).stat().st_size > 1000
     for section in ("Utility vs epsilon", "Fairness gaps by race", "Change vs non-private",
                     "Correlation between epsilon", "Per group: race × gender × age_group", "Privacy statement"):
         assert section in md and section in html
@@ -180,13 +185,13 @@ def test_report_files(sweep_dir, summary):
 
 def test_audit_in_summary_and_report(sweep_dir, summary):
     for row in summary.itertuples():
-        a = json.loads((sweep_dir / "runs" / row.run / "audit.json").read_text())
+        a = json.loads((_rd(sweep_dir, row.run).private / "audit.json").read_text())
         assert row.audit_status == a["status"] == "ok"
         assert row.audit_epsilon_lower_bound == pytest.approx(a["epsilon_lower_bound"])
         assert row.canary_auc == pytest.approx(a["canary_auc"])
         if math.isfinite(float(row.epsilon)):
             assert row.audit_epsilon_lower_bound <= row.epsilon_spent
-    md = (sweep_dir / "report.md").read_text()
+    md = (sweep_dir / "private" / "report.md").read_text()
     assert "## Empirical privacy audit" in md and "no empirical lower bound exceeds its claimed epsilon" in md
     assert "Audit: claimed epsilon vs empirical lower bound" in md
 
@@ -197,12 +202,15 @@ def test_report_cli_rerenders_without_retraining(sweep_dir, tmp_path, capsys):
     copy = tmp_path / "s"
     shutil.copytree(sweep_dir, copy)
     before = {p: p.stat().st_mtime_ns for p in copy.glob("runs/**/*") if p.is_file()}
-    (copy / "summary.csv").unlink()
+    (copy / "private" / "summary.csv").unlink()
+    (copy / "release" / "selection.json").unlink()
     assert main(["report", str(copy), "--bootstrap", "300"]) == 0
-    assert "report: " in capsys.readouterr().out
+    assert f"report: {copy / 'private' / 'report.html'}" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in copy.glob("runs/**/*") if p.is_file()} == before
     # deterministic: the same numbers as the report written after the sweep
-    pd.testing.assert_frame_equal(pd.read_csv(copy / "summary.csv"), pd.read_csv(sweep_dir / "summary.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(copy / "private" / "summary.csv"),
+                                  pd.read_csv(sweep_dir / "private" / "summary.csv"))
+    assert (copy / "release" / "selection.json").read_text() == (sweep_dir / "release" / "selection.json").read_text()
 
 
 def test_threshold_changes_threshold_metrics_only(sweep_dir, tmp_path):

@@ -11,8 +11,9 @@ import pytest
 
 import accounting as acc
 from dptrain.cli import main
+from dptrain.lifecycle import RunDir
 from dptrain.report import SweepError, parse_epsilons, run_sweep
-from dptrain.report.sweep import plan_points
+from dptrain.report.sweep import DEFAULT_VALIDATION_FRACTION, check_one_split, plan_points
 from tests.report.conftest import BACKENDS, EPSILONS, RECIPE, SEEDS, THRESHOLD, tiny_recipe
 
 
@@ -39,19 +40,45 @@ def test_plan_points_grid_and_refusals():
         plan_points(tiny_recipe("privacy.epsilon=", "privacy.noise_multiplier=1.0"), [1.0], 1)
 
 
+def test_every_point_shares_one_split_with_a_validation_part():
+    pts = plan_points(tiny_recipe("seed=3"), [1.0, 4.0], 3, ["opacus", "jax"])
+    assert {(r.data.split_seed, r.data.validation_fraction) for _, r in pts} == {(0, DEFAULT_VALIDATION_FRACTION)}
+    assert len({r.seed for _, r in pts}) == 3  # only the training seed varies
+    kept = plan_points(tiny_recipe("data.validation_fraction=0.1", "data.split_seed=7"), [1.0], 2)
+    assert {(r.data.split_seed, r.data.validation_fraction) for _, r in kept} == {(7, 0.1)}
+    with pytest.raises(SweepError, match=r"sets data.validation_fraction=0.2 .*--set data.validation_fraction"):
+        plan_points(tiny_recipe("data.test_fraction=0.85"), [1.0], 1)
+
+
+def test_grid_with_different_splits_is_refused():
+    """Points of one grid cannot differ in the split today; the check reads the point recipes anyway."""
+    pts = plan_points(tiny_recipe(), [1.0], 2)
+    (p1, r1) = pts[1]
+    for field, value in (("split_seed", 1), ("validation_fraction", 0.3)):
+        other = r1.model_copy(update={"data": r1.data.model_copy(update={field: value})})
+        with pytest.raises(SweepError, match=rf"different data splits \(data.{field} .* vs .*\).*one "
+                                             r"train/validation/test split.*not per point") as err:
+            check_one_split([pts[0], (p1, other)])
+        assert "\n" not in str(err.value)
+
+
 def test_every_point_is_a_normal_finished_run(sweep_dir):
     spec = json.loads((sweep_dir / "sweep.json").read_text())
     assert len(spec["points"]) == len(EPSILONS) * SEEDS * len(BACKENDS)
     assert spec["threshold"] == THRESHOLD
+    assert spec["format"] == "dptrain.sweep/2"
+    assert spec["split"] == {**spec["split"], "split_seed": 0, "validation_fraction": DEFAULT_VALIDATION_FRACTION}
     for name in spec["points"]:
-        d = sweep_dir / "runs" / name
-        rec = json.loads((d / "record.json").read_text())
+        rd = RunDir(sweep_dir / "runs" / name)
+        rec = rd.finished_record()
+        assert set(rd.files()) == {"release", "private"}
+        assert not rd.checkpoint.exists()
         backend, rest = name.split("-eps")
         eps = float(rest.split("-seed")[0])
         assert rec["training"]["backend"] == backend
         if math.isfinite(eps):
             # each point's own ledger, recomputed independently, meets its target
-            led = acc.PrivacyLedger.load(d / "ledger.json")
+            led = acc.PrivacyLedger.load(rd.ledger)
             assert led.epsilon(rec["privacy"]["delta"]) == pytest.approx(rec["privacy"]["epsilon"], rel=1e-9)
             assert rec["privacy"]["epsilon"] <= eps
         else:
@@ -64,10 +91,12 @@ def test_every_point_is_a_normal_finished_run(sweep_dir):
 def test_rerun_skips_finished_and_resumes_interrupted(sweep_dir, tmp_path):
     copy = tmp_path / "sweep"
     shutil.copytree(sweep_dir, copy)
-    mtimes = {p: p.stat().st_mtime_ns for p in copy.glob("runs/*/record.json")}
-    # an interrupted point: its record was never written (the checkpoint is there)
-    victim = copy / "runs" / "opacus-eps1-seed1"
-    (victim / "record.json").unlink()
+    mtimes = {p: p.stat().st_mtime_ns for p in copy.glob("runs/*/private/record.json")}
+    assert len(mtimes) == len(EPSILONS) * SEEDS * len(BACKENDS)
+    # an interrupted point: its record was never written (release/config.yaml is there: resumable)
+    victim = RunDir(copy / "runs" / "opacus-eps1-seed1")
+    victim.record.unlink()
+    assert victim.config.exists()
     lines: list[str] = []
     res = run_sweep(tiny_recipe(), copy, epsilons=EPSILONS, seeds=SEEDS, backends=BACKENDS, jobs=1,
                     threshold=THRESHOLD, progress=lines.append)
@@ -75,12 +104,12 @@ def test_rerun_skips_finished_and_resumes_interrupted(sweep_dir, tmp_path):
     assert sum(v == "skipped" for v in res.statuses.values()) == len(mtimes) - 1
     assert f"{len(mtimes) - 1} already finished, 1 to run" in lines[0]
     for p, t in mtimes.items():
-        if p.parent != victim:
+        if p != victim.record:
             assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
-    rec = json.loads((victim / "record.json").read_text())
+    rec = victim.finished_record()
     assert rec["training"]["resumed"] is True
     # the resumed run's ledger holds exactly the planned steps (nothing counted twice)
-    assert acc.PrivacyLedger.load(victim / "ledger.json").steps == rec["privacy"]["planned_steps"]
+    assert acc.PrivacyLedger.load(victim.ledger).steps == rec["privacy"]["planned_steps"]
 
 
 def test_other_grid_in_same_dir_is_refused(sweep_dir, tmp_path):
@@ -88,6 +117,13 @@ def test_other_grid_in_same_dir_is_refused(sweep_dir, tmp_path):
     shutil.copytree(sweep_dir, copy, ignore=shutil.ignore_patterns("runs"))
     with pytest.raises(SweepError, match="different sweep"):
         run_sweep(tiny_recipe(), copy, epsilons=[2.0], seeds=1, progress=lambda s: None)
+    # a sweep.json of an earlier dptrain (no split recorded) is another sweep too: the splits would differ
+    spec = json.loads((copy / "sweep.json").read_text())
+    del spec["split"]
+    (copy / "sweep.json").write_text(json.dumps(spec))
+    with pytest.raises(SweepError, match="without a validation split"):
+        run_sweep(tiny_recipe(), copy, epsilons=EPSILONS, seeds=SEEDS, backends=BACKENDS, threshold=THRESHOLD,
+                  progress=lambda s: None)
 
 
 def test_failed_point_does_not_stop_the_sweep(tmp_path, capsys):
@@ -99,10 +135,13 @@ def test_failed_point_does_not_stop_the_sweep(tmp_path, capsys):
     assert rc == 1
     assert "FAILED opacus-eps1-seed1: BudgetExceededError" in err
     assert (out / "failures" / "opacus-eps1-seed1.txt").exists()
-    summary = pd.read_csv(out / "summary.csv")
+    summary = pd.read_csv(out / "private" / "summary.csv")
     assert dict(zip(summary["run"], summary["status"], strict=True)) == {
         "opacus-eps1-seed0": "finished", "opacus-eps1-seed1": "failed"}
-    assert "NOT IN THIS REPORT: opacus-eps1-seed1 (failed: BudgetExceededError" in (out / "report.md").read_text()
+    assert "NOT IN THIS REPORT: opacus-eps1-seed1 (failed: BudgetExceededError" in (
+        out / "private" / "report.md").read_text()
+    assert json.loads((out / "release" / "selection.json").read_text())["backends"]["opacus"]["selected"]["run"] == \
+        "opacus-eps1-seed0"
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

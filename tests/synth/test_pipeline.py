@@ -33,7 +33,8 @@ def corpus(tmp_path_factory):
 def _recipe(tiny, corpus, **over):
     tree = {
         "name": "tiny-synth",
-        "data": {"source": str(corpus), "positive_label": "abnormal", "test_fraction": 0.25},
+        "data": {"source": str(corpus), "positive_label": "abnormal", "test_fraction": 0.25,
+                 "classes": ["normal", "abnormal"]},
         "model": {"name": "causal_lm", "source": str(tiny), "max_length": 32,
                   "lora": {"r": 2, "alpha": 4, "top_layers": 1}},
         "trainer": {"backend": "opacus"},
@@ -77,31 +78,42 @@ def test_synth_end_to_end(tiny, corpus, tmp_path):
     torch.set_num_threads(1)
     recipe = _recipe(tiny, corpus)
     out = tmp_path / "run"
-    rec = synthesize(recipe, out, progress=False).record
-    for f in ("synthetic.jsonl", "DATACARD.md", "record.json", "ledger.json", "config.yaml", "checkpoint.pt",
-              "adapters/adapter_model.safetensors"):
+    rec = synthesize(recipe, out, progress=False, keep_checkpoint=True).record
+    for f in ("release/synthetic.jsonl", "release/DATACARD.md", "private/record.json", "release/ledger.json",
+              "release/config.yaml", "release/privacy.json", "private/checkpoint.pt", "private/evaluation.md",
+              "release/adapters/adapter_model.safetensors"):
         assert (out / f).exists(), f
-    lines = [json.loads(x) for x in (out / "synthetic.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "release" / "synthetic.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and {r["label"] for r in lines} <= {"normal", "abnormal"}
     assert sum(rec["label_counts"]["generated"].values()) == 12
 
-    # one ledger: the label histogram once + every training step; the target covers both
-    led = acc.PrivacyLedger.load(out / "ledger.json")
-    assert led.count("label_histogram") == 1 and led.steps == rec["privacy"]["steps"]
+    # one ledger under add/remove: the DP count of records, the label histogram once, every training step;
+    # the target covers all three
+    led = acc.PrivacyLedger.load(out / "release" / "ledger.json")
+    assert led.count("label_histogram") == 1 and led.count("unit_count") == 1 and led.steps == rec["privacy"]["steps"]
     p = rec["privacy"]
-    n_units = rec["data"]["num_units"]
-    assert n_units == 120 + 1 + 3  # 120 training records + canaries inserted 1x and 3x
-    independent = acc.PrivacyLedger(relation="add_or_remove")
-    # n is public, so the histogram is charged at the replace-one sensitivity sqrt(2)
-    independent.compose(acc.gaussian_release_event(5.0 * 2 ** 0.5, 2 ** 0.5), label="label_histogram")
-    independent.compose(acc.PoissonSampling(16 / n_units).step_event(p["noise_multiplier"]), p["steps"])
-    assert p["epsilon"] == pytest.approx(independent.epsilon(p["delta"]), rel=1e-9)
-    assert p["epsilon"] <= 8.0
-    assert p["epsilon_recomputed_from_plan"] == pytest.approx(p["epsilon"], rel=1e-9)
-    assert p["epsilon"] > 7.5  # calibrated tight to the target, not merely below it
+    assert p["neighbouring_relation"] == "add_or_remove"
+    assert rec["data"]["num_units"] == 120 + 1 + 3  # 120 training records + canaries inserted 1x and 3x
+    released = p["units"]["value"] + p["units"]["added_by_dptrain"]  # the DP count + the public canary rows
+    assert p["units"]["added_by_dptrain"] == 4 and p["sampling_rate"] == pytest.approx(16 / released)
+    # recomputed directly with dp_accounting: count (std 20, sensitivity 1), histogram (std 5, sensitivity 1),
+    # then the steps -- all under add/remove
+    import dp_accounting as dpa
+    from dp_accounting.pld import pld_privacy_accountant
 
-    # checkpoint: adapters only (the frozen base model comes from model.source)
-    state = torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]["model"]
+    direct = pld_privacy_accountant.PLDAccountant(dpa.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                                  value_discretization_interval=1e-4)
+    direct.compose(dpa.GaussianDpEvent(recipe.privacy.count_noise_multiplier))
+    direct.compose(dpa.GaussianDpEvent(5.0))
+    direct.compose(dpa.PoissonSampledDpEvent(16 / released, dpa.GaussianDpEvent(p["noise_multiplier"])), p["steps"])
+    assert p["epsilon"] == pytest.approx(direct.get_epsilon(p["delta"]), rel=2e-3)
+    assert p["epsilon"] <= 8.0
+    assert p["epsilon_independent_check"]["epsilon"] == pytest.approx(p["epsilon"], rel=2e-3)
+    assert p["epsilon"] > 7.5  # calibrated tight to the target, not merely below it
+    assert p["releases"]["label_histogram"] == {"noise_std": 5.0, "l2_sensitivity": 1.0}
+
+    # checkpoint (kept on request): adapters only (the frozen base model comes from model.source)
+    state = torch.load(out / "private" / "checkpoint.pt", weights_only=True)["trainer"]["model"]
     assert state and all("lora_" in k for k in state)
 
     ev = rec["evaluation"]
@@ -110,16 +122,20 @@ def test_synth_end_to_end(tiny, corpus, tmp_path):
     assert ev["downstream"]["real_dp"]["epsilon"] <= 8.0
     assert set(ev["canaries"]["by_repetitions"]) == {"1", "3"}
     assert 0 <= ev["memorisation"]["ngram_overlap"]["train_overlap"] <= 1
-    card = (out / "DATACARD.md").read_text()
-    assert f"{p['epsilon']:.4f}" in card and "NOT covered by the DP guarantee" in card
-    assert "never publish" in card and "train_loss_mean" not in json.dumps(rec["privacy"])
+    card = (out / "release" / "DATACARD.md").read_text()
+    assert f"{p['epsilon']:.4f}" in card and "private/evaluation.md" in card
+    assert "Downstream" not in card and "kNN" not in card  # the evaluation against real records stays private
+    evaluation = (out / "private" / "evaluation.md").read_text()
+    assert "NOT covered by the DP guarantee" in evaluation and "Downstream" in evaluation
+    assert "train_loss_mean" not in json.dumps(rec["privacy"])
     assert all(m["train_loss_mean"] is None for m in rec["metrics"])  # an un-noised statistic: never written
 
     # the histogram is paid for: without it (public prior) the same target needs less noise
-    from dptrain.trainers.plan import PrivacyPlan
+    from dptrain.trainers.plan import PrivacyPlan, UnitCount
 
     prior = _recipe(tiny, corpus, **{"synthesis.label_counts": "prior", "synthesis.prior": [0.5, 0.5]})
-    assert PrivacyPlan.from_recipe(prior, n_units).noise_multiplier < p["noise_multiplier"]
+    count = UnitCount(p["units"]["value"], "dp_count", 20.0, 4)
+    assert PrivacyPlan.from_recipe(prior, count).noise_multiplier < p["noise_multiplier"]
 
 
 def test_resume_after_a_crash_in_generation_spends_nothing_twice(tiny, corpus, tmp_path, monkeypatch):
@@ -135,12 +151,12 @@ def test_resume_after_a_crash_in_generation_spends_nothing_twice(tiny, corpus, t
     monkeypatch.setattr(lm, "generate", boom)
     with pytest.raises(KeyboardInterrupt):
         pipeline.synthesize(recipe, out, progress=False)
-    first = acc.PrivacyLedger.load(out / "ledger.json")
+    first = acc.PrivacyLedger.load(out / "release" / "ledger.json")
     monkeypatch.undo()
     with pytest.raises(Exception, match="not empty"):
         pipeline.synthesize(recipe, out, progress=False)
     rec = pipeline.synthesize(recipe, out, resume=True, progress=False).record
-    led = acc.PrivacyLedger.load(out / "ledger.json")
+    led = acc.PrivacyLedger.load(out / "release" / "ledger.json")
     assert led.count("label_histogram") == 1 and led.steps == first.steps == rec["privacy"]["steps"]
     assert rec["privacy"]["epsilon"] == pytest.approx(first.epsilon(rec["privacy"]["delta"]))
     assert rec["label_counts"]["noisy_counts"] is not None
@@ -158,7 +174,7 @@ def test_recipe_errors_name_the_field(tiny, corpus, tmp_path):
         _recipe(tiny, corpus, **{"trainer.backend": "jax"})
     with pytest.raises(RunError, match="dptrain synth"):
         train(_recipe(tiny, corpus), tmp_path / "x")
-    with pytest.raises(RunError, match="synthesis.prior: 3 weights for 2 classes"):
+    with pytest.raises(RunError, match="synthesis.prior: 3 weights for the 2 declared classes"):
         synthesize(_recipe(tiny, corpus, **{"synthesis.label_counts": "prior", "synthesis.prior": [1, 1, 1]}),
                    tmp_path / "y", progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
@@ -197,7 +213,7 @@ def test_lm_task_clipped_update_equals_brute_force_per_record(tiny):
     lora.zero_grad()
     plan = PrivacyPlan(scheme=acc.PoissonSampling(0.5), noise_multiplier=0.0, clipping_norm=C, steps=1,
                        expected_batch_size=B, delta=1e-5, accountant="pld", mode="clip_only",
-                       privacy_unit="example", num_units=4)
+                       privacy_unit="example", size=4)
     trainer = OpacusTrainer(OptimizerConfig(name="sgd", lr=1.0), task=PrefixLMTask(lora, x, cache_below=1),
                             max_physical_batch_size=3, device="cpu")  # 2 virtual steps
     trainer.init(lora, plan, seed=0, dp_seed=1)
@@ -213,18 +229,19 @@ def test_subset_keeps_each_record_independently_of_the_others():
     from dptrain.synth.pipeline import _subset
 
     texts = [f"report number {i}" for i in range(2000)]
-    keep = set(_subset(texts, 500, seed=3))
+    keep = set(_subset(texts, 0.25, seed=3))
     assert 400 < len(keep) < 600
-    # removing one record never changes whether another is used (beyond the public rate size/n)
+    # removing (or adding) one record never changes whether another is used: the rate is public and fixed
     without = [t for i, t in enumerate(texts) if i != 7]
     kept_texts = {texts[i] for i in keep} - {texts[7]}
-    again = {without[i] for i in _subset(without, 500 * 1999 / 2000, seed=3)}
-    assert again == kept_texts
+    assert {without[i] for i in _subset(without, 0.25, seed=3)} == kept_texts
+    added = [*texts, "one more report"]
+    assert {added[i] for i in _subset(added, 0.25, seed=3)} - {"one more report"} == {texts[i] for i in keep}
     assert list(_subset(texts, None, seed=3)) == list(range(2000))
 
 
 def test_unsupported_train_options_are_refused_not_ignored(tiny, corpus):
-    for key, value in [("data.privacy_unit", "patient"), ("privacy.dataset_budget", 10.0), ("training.ema", 0.9)]:
+    for key, value in [("data.privacy_unit", "patient"), ("training.ema", 0.9)]:
         with pytest.raises(RecipeError, match="dptrain synth does not support " + key.replace(".", r"\.")):
             _recipe(tiny, corpus, **{key: value})
 
@@ -238,7 +255,7 @@ def test_unusable_generations_are_recorded_as_skipped_not_a_crash(tiny, corpus, 
     rec = pipeline.synthesize(recipe, tmp_path / "run", progress=False).record
     ev = rec["evaluation"]
     assert "skipped" in ev["downstream"]["synthetic"] and "skipped" in ev["fidelity"]["distances"]
-    assert (tmp_path / "run" / "DATACARD.md").exists()
+    assert (tmp_path / "run" / "release" / "DATACARD.md").exists()
 
 
 @pytest.mark.slow  # ~30 s; the crash-in-generation resume test covers the histogram in the default suite
@@ -261,12 +278,13 @@ def test_resume_mid_training_keeps_the_histogram_and_the_steps(tiny, corpus, tmp
     monkeypatch.setattr(OpacusTrainer, "dp_step", crash_after_an_epoch)
     with pytest.raises(KeyboardInterrupt):
         pipeline.synthesize(recipe, out, progress=False)
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    saved_counts, saved_step = json.loads(state["noisy_label_counts"]), int(state["step"])
+    state = torch.load(out / "private" / "checkpoint.pt", weights_only=True)
+    saved_counts = json.loads((out / "private" / "state.json").read_text())["noisy_label_counts"]
+    saved_step = int(state["step"])
     assert 0 < saved_step < 23
     monkeypatch.undo()
     rec = pipeline.synthesize(recipe, out, resume=True, progress=False).record
-    led = acc.PrivacyLedger.load(out / "ledger.json")
+    led = acc.PrivacyLedger.load(out / "release" / "ledger.json")
     assert led.count("label_histogram") == 1 and led.steps == rec["privacy"]["steps"] == rec["privacy"]["planned_steps"]
     assert list(rec["label_counts"]["noisy_counts"].values()) == saved_counts  # never redrawn
-    assert rec["privacy"]["epsilon"] == pytest.approx(rec["privacy"]["epsilon_recomputed_from_plan"], rel=1e-9)
+    assert rec["privacy"]["epsilon"] == pytest.approx(rec["privacy"]["epsilon_independent_check"]["epsilon"], rel=2e-3)

@@ -23,7 +23,7 @@ def make_plan(mode: str, *, sigma: float = 0.0, clip: float | None = 1.0, batch:
               unit: str = "example", units: int = N) -> PrivacyPlan:
     return PrivacyPlan(scheme=acc.PoissonSampling(batch / units), noise_multiplier=sigma, clipping_norm=clip,
                        steps=10, expected_batch_size=batch, delta=1e-5, accountant="pld", mode=mode,
-                       privacy_unit=unit, num_units=units)
+                       privacy_unit=unit, size=units)
 
 
 class TrainerContract:

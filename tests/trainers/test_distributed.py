@@ -52,7 +52,7 @@ SIGMA, B, LR = 3.0, 16.0, 1.0
 def _plan(mode: str, sigma: float = 0.0, unit: str = "example") -> PrivacyPlan:
     return PrivacyPlan(scheme=acc.PoissonSampling(B / N), noise_multiplier=sigma,
                        clipping_norm=None if mode == "non_private" else 1.0, steps=10, expected_batch_size=B,
-                       delta=1e-5, accountant="pld", mode=mode, privacy_unit=unit, num_units=N)
+                       delta=1e-5, accountant="pld", mode=mode, privacy_unit=unit, size=N)
 
 
 def _model(hidden: bool) -> torch.nn.Module:

@@ -2,7 +2,9 @@
 
 Shapes are drawn by hypothesis; each layer is also run with the ghost and the direct method forced,
 so both code paths are checked whatever the automatic choice would be. Per-unit clipping (several
-rows per unit) is checked against vmap gradients summed per unit.
+rows per unit) is checked against vmap gradients summed per unit. Row weights (``mask``) are drawn as
+0/1, augmult-style 1/K, or arbitrary nonnegative values (zeros: padding): each row's loss is weighted
+once, on every path, per example and per unit.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,16 +95,28 @@ def _program(model, layer_method: str, per_unit: bool):
     return jax.jit(run)
 
 
-def _check(model, x, seed, layer_method="auto", units=None):
-    b = x.shape[0]
-    rng = np.random.default_rng(seed)
+def _weights(rng, b: int, kind: str) -> np.ndarray:
+    """Row weights: ``binary`` 0/1; ``augmult`` 1/K (K in 2..4) on real rows; ``random`` any value in
+    [0, 2]; zeros (padding) in all three."""
+    real = rng.random(b) < 0.8
+    w = {"binary": 1.0, "augmult": 1.0 / rng.integers(2, 5), "random": rng.uniform(0.0, 2.0, b)}[kind]
+    return np.where(real, w, 0.0).astype(np.float32)
+
+
+def _variables(model, x, rng):
     # random values everywhere (LoRA's B starts at zero, which would hide half the adapter's gradient);
     # shapes from an abstract init: no compilation
     shapes = jax.eval_shape(model.init, jax.ShapeDtypeStruct((2,), jnp.uint32), x)
     variables = jax.tree.map(lambda s: np.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)
-    params = variables.pop("params")
+    return variables.pop("params"), variables
+
+
+def _check(model, x, seed, layer_method="auto", units=None, weights="binary", mask=None):
+    b = x.shape[0]
+    rng = np.random.default_rng(seed)
+    params, variables = _variables(model, x, rng)
     y = jnp.asarray(rng.integers(0, 3, b))
-    mask = jnp.asarray((rng.random(b) < 0.8).astype(np.float32))
+    mask = jnp.asarray(_weights(rng, b, weights) if mask is None else np.asarray(mask, np.float32))
     seg = jnp.asarray(np.zeros(b, np.int32) if units is None else units)
     ref_n, got_n, ref_sum, got_sum, ref_loss, loss = _program(model, layer_method, units is not None)(
         params, variables, x, y, mask, seg)
@@ -113,31 +128,100 @@ def _check(model, x, seed, layer_method="auto", units=None):
 
 
 methods = st.sampled_from(["auto", "ghost", "direct"])
+weight_kinds = st.sampled_from(["binary", "augmult", "random"])
 
 
 @settings(max_examples=10, deadline=None)
 @given(b=st.integers(1, 6), t=st.integers(1, 5), vocab=st.integers(2, 8), e=st.integers(1, 6), r=st.integers(1, 3),
-       h=st.integers(1, 6), method=methods, per_unit=st.booleans(), seed=st.integers(0, 999))
-def test_dense_sequence_embedding_lora_layernorm(b, t, vocab, e, r, h, method, per_unit, seed):
+       h=st.integers(1, 6), method=methods, per_unit=st.booleans(), weights=weight_kinds,
+       seed=st.integers(0, 999))
+def test_dense_sequence_embedding_lora_layernorm(b, t, vocab, e, r, h, method, per_unit, weights, seed):
     """Embedding (small vocab: repeated tokens), LoRA and Dense on sequences, Dense on 2-D inputs."""
     idx = jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (b, t)), jnp.int32)
     units = np.random.default_rng(seed).integers(0, max(1, b // 2), b).astype(np.int32) if per_unit else None
-    _check(SequenceNet(vocab, e, r, h), idx, seed, method, units)
+    _check(SequenceNet(vocab, e, r, h), idx, seed, method, units, weights)
 
 
 @settings(max_examples=10, deadline=None)
 @given(b=st.integers(1, 4), hw=st.integers(3, 7), c=st.integers(1, 3), groups=st.sampled_from([1, 2]),
        k=st.integers(1, 3), s=st.integers(1, 2), pad=st.sampled_from(["VALID", "SAME"]), method=methods,
-       per_unit=st.booleans(), seed=st.integers(0, 999))
-def test_conv_and_groupnorm(b, hw, c, groups, k, s, pad, method, per_unit, seed):
+       per_unit=st.booleans(), weights=weight_kinds, seed=st.integers(0, 999))
+def test_conv_and_groupnorm(b, hw, c, groups, k, s, pad, method, per_unit, weights, seed):
     x = jnp.asarray(np.random.default_rng(seed).normal(size=(b, hw, hw + 1, c)), jnp.float32)
     units = np.random.default_rng(seed).integers(0, max(1, b // 2), b).astype(np.int32) if per_unit else None
-    _check(ConvNet(2 * groups, (k, k), (s, s), pad, groups), x, seed, method, units)
+    _check(ConvNet(2 * groups, (k, k), (s, s), pad, groups), x, seed, method, units, weights)
 
 
-def test_untapped_and_shared_layers_fall_back_to_vmap():
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(1, 6), d=st.integers(1, 6), h=st.integers(1, 6), method=methods, per_unit=st.booleans(),
+       weights=weight_kinds, seed=st.integers(0, 999))
+def test_dense_2d_mlp(b, d, h, method, per_unit, weights, seed):
+    """2-D Dense layers: per example the |a| |g| outer rule, per unit the B x B Gram (ghost) or the
+    per-unit segment sum (direct)."""
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=(b, d)), jnp.float32)
+    units = np.random.default_rng(seed).integers(0, max(1, b // 2), b).astype(np.int32) if per_unit else None
+    _check(fm.MLP(d, 3, (h,)), x, seed, method, units, weights)
+
+
+@settings(max_examples=6, deadline=None)
+@given(per_unit=st.booleans(), weights=weight_kinds, seed=st.integers(0, 999))
+def test_untapped_and_shared_layers_fall_back_to_vmap(per_unit, weights, seed):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4)), jnp.float32)
-    _check(Mixed(), x, 0)
+    _check(Mixed(), x, seed, units=np.array([0, 1, 0, 2, 1], np.int32) if per_unit else None, weights=weights)
+
+
+# Deterministic unequal weights: 0.3, 1.7, 0.5 on the rows of unit 0, augmult 1/3 on unit 1, padding.
+_UNEQUAL = np.array([0.3, 1.7, 0.5, 1 / 3, 1 / 3, 1 / 3, 0.0], np.float32)
+_UNEQUAL_UNITS = np.array([0, 0, 0, 1, 1, 1, 2], np.int32)
+
+
+def _unequal_models():
+    rng = np.random.default_rng(7)
+    b = len(_UNEQUAL)
+    return {
+        "sequence": (SequenceNet(5, 4, 2, 3), jnp.asarray(rng.integers(0, 5, (b, 3)), jnp.int32)),
+        "conv": (ConvNet(2, (2, 2), (1, 1), "VALID", 1), jnp.asarray(rng.normal(size=(b, 4, 5, 2)), jnp.float32)),
+        "mlp": (fm.MLP(4, 3, (5,)), jnp.asarray(rng.normal(size=(b, 4)), jnp.float32)),
+        "fallback": (Mixed(), jnp.asarray(rng.normal(size=(b, 4)), jnp.float32)),
+    }
+
+
+@pytest.mark.parametrize("per_unit", [False, True], ids=["per_example", "per_unit"])
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+@pytest.mark.parametrize("name", ["sequence", "conv", "mlp", "fallback"])
+def test_unequal_row_weights_match_vmap(name, method, per_unit):
+    """Unequal weights inside a unit and 1/K weights enter exactly once (vmap: each row's loss times
+    its weight), on every layer path."""
+    model, x = _unequal_models()[name]
+    _check(model, x, 3, method, _UNEQUAL_UNITS if per_unit else None, mask=_UNEQUAL)
+
+
+def _tree_norm(tree) -> float:
+    return float(jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(tree))))
+
+
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+@pytest.mark.parametrize("name", ["sequence", "conv", "mlp", "fallback"])
+def test_unit_with_unequal_weights_contributes_at_most_clip(name, method):
+    """One unit (rows weighted 0.3, 1.7, 0.5) clipped to C contributes a sum of norm <= C, and = C
+    when its gradient is larger than C; one row weighted 1.7 per example likewise."""
+    model, x = _unequal_models()[name]
+    x = x[:3]
+    params, others = _variables(model, x, np.random.default_rng(1))
+    y = jnp.asarray([0, 1, 2])
+
+    def apply_fn(p, xx):
+        return model.apply({"params": p, **others}, xx)
+
+    for mask, units in ((jnp.asarray([0.3, 1.7, 0.5]), fast_clip.Units(jnp.zeros(3, jnp.int32), 1)),
+                        (jnp.asarray([0.0, 1.7, 0.0]), None)):
+        full = _tree_norm(jax.grad(lambda p, m=mask: jnp.sum(m * fast_clip.cross_entropy(apply_fn(p, x), y)))(
+            params))
+        clip = 0.25 * full
+        got, _ = fast_clip.clipped_grad_sum(apply_fn, params, x, y, mask, clip=clip, units=units,
+                                            layer_method=method)
+        assert _tree_norm(got) <= clip + 1e-5, (_tree_norm(got) / clip, units)
+        np.testing.assert_allclose(_tree_norm(got), clip, rtol=1e-4)
 
 
 def test_tapped_layers_cover_the_models_parameters():

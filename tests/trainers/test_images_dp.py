@@ -24,7 +24,7 @@ SGD = OptimizerConfig(name="sgd", lr=1.0, momentum=0.0)
 def plan(mode="clip_only", *, clip=0.01, unit="patient", units=2, sigma=0.0):
     return PrivacyPlan(scheme=acc.PoissonSampling(1.0 / units), noise_multiplier=sigma, clipping_norm=clip, steps=5,
                        expected_batch_size=1.0, delta=1e-5, accountant="pld", mode=mode, privacy_unit=unit,
-                       num_units=units)
+                       size=units)
 
 
 def trainer(backend, p, ema=None):

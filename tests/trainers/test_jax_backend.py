@@ -51,7 +51,7 @@ def _truncated_plan(mode="dp", max_batch=24, unit="example", units=48):
     scheme = acc.TruncatedPoissonSampling(units, 16 / units, max_batch)
     return PrivacyPlan(scheme=scheme, noise_multiplier=1.0 if mode == "dp" else 0.0,
                        clipping_norm=None if mode == "non_private" else 1.0, steps=10, expected_batch_size=16.0,
-                       delta=1e-5, accountant="pld", mode=mode, privacy_unit=unit, num_units=units)
+                       delta=1e-5, accountant="pld", mode=mode, privacy_unit=unit, size=units)
 
 
 def _data(n=48, d=6):

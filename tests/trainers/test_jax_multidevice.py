@@ -95,7 +95,7 @@ for name, (unit, clipping, max_physical) in CASES.items():
     units_all = np.arange(96) // 3 if unit == "patient" else np.arange(96)
     plan = PrivacyPlan(scheme=acc.TruncatedPoissonSampling(nu, 6 / nu, 20), noise_multiplier=1.0,
                        clipping_norm=0.5, steps=4, expected_batch_size=6.0, delta=1e-5, accountant="pld",
-                       mode="dp", privacy_unit=unit, num_units=nu)
+                       mode="dp", privacy_unit=unit, size=nu)
     tr = JaxTrainer(OptimizerConfig(name="sgd", lr=0.2, momentum=0.9), clipping=clipping,
                     max_physical_batch_size=max_physical)
     tr.init(build_flax_model(ModelConfig(hidden=[8]), 6, 2), plan, seed=0, dp_seed=DP_SEED, ema=0.9)
@@ -198,11 +198,11 @@ def test_layout_spreads_whole_units_over_devices():
     y = (x[:, 0] > 0).astype(np.int64)
     plan = PrivacyPlan(scheme=acc.TruncatedPoissonSampling(30, 10 / 30, 30), noise_multiplier=1.0,
                        clipping_norm=1.0, steps=1, expected_batch_size=10.0, delta=1e-5, accountant="pld",
-                       mode="dp", privacy_unit="patient", num_units=30)
+                       mode="dp", privacy_unit="patient", size=30)
     example_plan = PrivacyPlan(scheme=acc.TruncatedPoissonSampling(len(units), 10 / len(units), 100),
                                noise_multiplier=1.0, clipping_norm=1.0, steps=1, expected_batch_size=10.0,
                                delta=1e-5, accountant="pld", mode="dp", privacy_unit="example",
-                               num_units=len(units))
+                               size=len(units))
     for p, batch_units in ((plan, units), (example_plan, np.arange(len(units)))):
         for max_physical in (1024, 16, 5):
             for d in (1, 2, 3):

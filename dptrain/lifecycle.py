@@ -1,0 +1,438 @@
+"""The run directory and the privacy statement every command shares (DESIGN: one run lifecycle).
+
+A run directory is split by the release boundary (DESIGN invariant 8)::
+
+    RUN/release/   what the guarantee covers or what is public; safe to publish
+        privacy.json        the public privacy statement (no exact count of the data)
+        ledger.json         every DP event composed (the proof of the statement)
+        config.yaml         the resolved recipe: the user's public declarations
+        model.safetensors   the trained weights (train) + model.json: architecture and public preprocessing
+        synthetic.jsonl, DATACARD.md, adapters/   (synth) synthetic records, their card, the LoRA weights
+    RUN/private/   never publish: computed from real records outside the mechanism, or secret
+        record.json         the full run record: statement + metrics on real test records + audit + counts
+        checkpoint.pt       the resumable state incl. the secret DP seed; removed when the run finishes
+                            unless kept on request (then loudly labelled)
+        state.json          what a resume needs besides the checkpoint (the released unit count, ...)
+        metrics.jsonl, predictions.parquet, audit.json, canaries.npz, evaluation.md, run_id
+
+Guarantees: a refused run writes nothing; every file is written atomically; a finished run keeps no secret
+seed unless asked to; ``Session`` draws the DP unit count once (rank 0), persists it before training and
+reuses it on resume, composes every release of the plan into the run's ledger at the start, and charges the
+dataset budget (keyed by the dataset's identity) of every run on a budgeted dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import accounting as acc
+from accounting._io import atomic_write_bytes, atomic_write_json
+from dptrain.config import Recipe, dump_recipe
+from dptrain.trainers.plan import PrivacyPlan, UnitCount
+
+RELEASE, PRIVATE = "release", "private"
+CHECKPOINT = "checkpoint.pt"
+KEPT_CHECKPOINT_NOTE = "CHECKPOINT-HOLDS-SECRET-DP-SEED.txt"
+
+
+class RunError(ValueError):
+    """The run cannot start or resume; the message says why and what to do."""
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    record: dict[str, Any]
+
+
+def jsonable(obj):
+    """JSON-safe copy: non-finite floats as strings, numpy scalars as Python values."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    return obj
+
+
+def software_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = acc.software_versions()
+    for pkg in ("torch", "opacus", "jax", "flax", "optax", "pydantic", "transformers", "peft"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class RunDir:
+    """Paths of one run directory (see the module docstring for what lives where)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.release = self.root / RELEASE
+        self.private = self.root / PRIVATE
+
+    def __getattr__(self, name: str) -> Path:  # rd.checkpoint, rd.record, ... -> the file's path
+        places = {"checkpoint": (PRIVATE, CHECKPOINT), "record": (PRIVATE, "record.json"),
+                  "state": (PRIVATE, "state.json"), "metrics": (PRIVATE, "metrics.jsonl"),
+                  "run_id_file": (PRIVATE, "run_id"), "statement": (RELEASE, "privacy.json"),
+                  "ledger": (RELEASE, "ledger.json"), "config": (RELEASE, "config.yaml")}
+        if name not in places:
+            raise AttributeError(name)
+        side, file = places[name]
+        return self.root / side / file
+
+    def finished_record(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.record.read_text())
+        except FileNotFoundError:
+            return None
+
+    def check(self, resume: bool) -> dict[str, Any] | None:
+        """Refuse to overwrite a run or to write where we cannot; on ``resume`` of a finished run return its
+        record (nothing to do)."""
+        out = self.root
+        if out.exists() and not out.is_dir():
+            raise RunError(f"--out {out}: is a file, not a directory; choose another --out")
+        record = self.finished_record()
+        if record is not None and not resume:
+            raise RunError(f"--out {out}: a finished run is already there; choose another --out")
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise RunError(f"--out {out}: directory is not empty (an interrupted run?); pass --resume or another --out")
+        if resume and record is None and not self.checkpoint.exists() and not self.config.exists():
+            raise RunError(f"--resume: no interrupted run in {out}; start a new run without --resume")
+        if resume and record is not None:
+            return record
+        parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunError(f"--out {out}: {parent} is not writable; choose another --out")
+        return None
+
+    def make(self) -> None:
+        self.release.mkdir(parents=True, exist_ok=True)
+        self.private.mkdir(parents=True, exist_ok=True)
+
+    def read_state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.state.read_text())
+        except FileNotFoundError:
+            return None
+
+    def run_id(self) -> str | None:
+        try:
+            return self.run_id_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def files(self) -> dict[str, list[str]]:
+        """Relative paths of every file on each side of the boundary."""
+        return {side: sorted(str(p.relative_to(self.root / side)) for p in (self.root / side).rglob("*")
+                             if p.is_file()) for side in (RELEASE, PRIVATE) if (self.root / side).exists()}
+
+
+def independent_epsilon(st: dict[str, Any]) -> float | None:
+    """The statement's epsilon recomputed with dp_accounting directly from the statement's own numbers
+    (q, sigma, steps, scheme, the releases' noise), NOT from the ledger or ``accounting``: a cross-check of
+    the ledger. None when the statement cannot be recomputed this way (e.g. RDP-only events)."""
+    import dp_accounting as dpa
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    if st["mode"] != "dp":
+        return math.inf
+    sigma, q, steps = float(st["noise_multiplier"]), float(st["sampling_rate"]), int(st["steps"])
+    events: list[Any] = []
+    if st["sampling"] == "poisson":
+        events.append(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps))
+    elif st["sampling"] == "shuffled":
+        k = max(1, math.ceil(1 / q))
+        events.append(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(sigma), math.ceil(steps / k)))
+    else:
+        return None
+    for rel in (st.get("releases") or {}).values():
+        events.append(dpa.GaussianDpEvent(rel["noise_std"] / rel["l2_sensitivity"]))
+    event = dpa.ComposedDpEvent(events)
+    relation = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+    if st["accountant"] == "pld":
+        accountant = pld_privacy_accountant.PLDAccountant(
+            relation, value_discretization_interval=float(st.get("pld_discretization") or 1e-3))
+    else:
+        accountant = rdp_privacy_accountant.RdpAccountant(neighboring_relation=relation)
+    accountant.compose(event)
+    return float(accountant.get_epsilon(float(st["delta"])))
+
+
+def privacy_statement(plan: PrivacyPlan, ledger: acc.PrivacyLedger, recipe: Recipe, count: UnitCount, *,
+                      releases: dict[str, dict[str, float]] | None = None, covers: str, public: str,
+                      warning: str | None = None) -> dict[str, Any]:
+    """The full public privacy statement of a run (DESIGN invariant 5). Holds no exact count of the data:
+    the number of units appears only as released (declared, or a DP count)."""
+    st = ledger.statement(plan.delta)
+    unit = plan.privacy_unit
+    releases = dict(releases or {})
+    if count.source == "dp_count":
+        releases = {"unit_count": {"noise_std": float(count.noise_multiplier), "l2_sensitivity": 1.0}, **releases}
+    st.update({
+        "format": "dptrain.privacy-statement/1",
+        "relation_meaning": f"{plan.relation}: datasets differing by adding or removing all records of one {unit}",
+        "mode": plan.mode,
+        "sampling": plan.scheme.name,
+        "sampling_rate": plan.scheme.sampling_rate,
+        "expected_batch_size": plan.expected_batch_size,
+        "max_batch_size": getattr(plan.scheme, "max_batch_size", None),
+        "units": {"value": count.value, "added_by_dptrain": count.public_extra, "source": count.source,
+                  "meaning": count.describe()},
+        "noise_multiplier": plan.noise_multiplier,
+        "planned_steps": plan.steps,
+        "clipping_norm": plan.clipping_norm,
+        "clipping_granularity": None if plan.mode == "non_private" else (
+            "per example" if unit == "example" else f"per {unit} (all rows of a unit summed, then clipped)"),
+        "target_epsilon": plan.target_epsilon,
+        "releases": releases,
+        "hyperparameter_selection_accounted": False,
+        "dp_randomness": "OS CSPRNG" if recipe.privacy.secure_rng else "PRNG seeded from OS entropy (secret seed)",
+        "covers": covers,
+        "public": public,
+    })
+    if st["max_batch_size"] is None:
+        del st["max_batch_size"]
+    st["epsilon_independent_check"] = {
+        "epsilon": independent_epsilon(st) if ledger.steps == plan.steps else None,
+        "method": "dp_accounting's own accountant on events rebuilt from this statement's numbers (q, sigma, "
+                  "steps, releases), not from the ledger"}
+    warnings = [warning] if warning else []
+    if plan.mode == "non_private":
+        warnings.insert(0, "NOT PRIVATE: non-private baseline (no clipping, no noise); epsilon is infinite")
+    elif plan.mode == "clip_only":
+        warnings.insert(0, "NOT PRIVATE: clip_only debugging mode (clipping without noise); epsilon is infinite")
+    if warnings:
+        st["warning"] = "; ".join(warnings)
+    return jsonable(st)
+
+
+class Session:
+    """One run's lifecycle on every rank: directory check, unit count, plan, budget, start or resume (secret
+    seed, ledger), atomic checkpoints, finish (statement, record, budget settled, seed removed).
+
+    File work happens on rank 0 only (``dist.on_main`` broadcasts its result or error to the other ranks)."""
+
+    def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dist=None,
+                 keep_checkpoint: bool = False):
+        from dptrain.trainers.distributed import LOCAL
+
+        self.recipe, self.rd, self.resume = recipe, RunDir(out_dir), resume
+        self.dist = dist or LOCAL
+        self.keep_checkpoint = keep_checkpoint
+        self.config_text = dump_recipe(recipe)
+        self.finished = self.dist.on_main(lambda: self.rd.check(resume))
+        self.count: UnitCount | None = None
+        self.plan: PrivacyPlan | None = None
+        self.budget = None
+        self.run_id: str | None = None
+        self.ledger: acc.PrivacyLedger | None = None
+        self.start_step = 0
+        self.dp_seed: int | None = None
+        self.checkpoint: dict[str, Any] | None = None
+        self.state: dict[str, Any] = {}
+        self.metrics: list[dict[str, Any]] = []
+
+    # ---- before anything is written ----
+    def make_plan(self, true_units: int, *, public_extra: int = 0, privacy_unit: str = "example",
+                  releases: tuple = ()) -> PrivacyPlan:
+        """Count (or restore the count of) the units, build and check the plan; refuses a changed recipe on
+        resume. Writes nothing."""
+        from dptrain.trainers.plan import count_units
+
+        def restore_or_count() -> dict[str, Any]:
+            if self.resume:
+                if self.rd.config.exists() and self.rd.config.read_text() != self.config_text:
+                    raise RunError(f"--resume: the recipe differs from {self.rd.config}; resume with the same recipe "
+                                   "and --set overrides as the original run")
+                state = self.rd.read_state()
+                if state is not None:
+                    return state
+            return {"unit_count": count_units(self.recipe, true_units, public_extra).to_dict()}
+
+        self.state = self.dist.on_main(restore_or_count)
+        self.count = UnitCount.from_dict(self.state["unit_count"])
+        if self.count.public_extra != public_extra:
+            raise RunError(f"--resume: {self.rd.root} was started with other dptrain-added units; start a new run")
+        try:
+            plan = PrivacyPlan.from_recipe(self.recipe, self.count, privacy_unit, releases=releases)
+        except acc.UnreachableTargetError as err:
+            raise RunError(f"{err}; the target must also cover the DP count of units (privacy."
+                           "count_noise_multiplier) and other releases, or declare privacy.dataset_size") from None
+        if plan.mode == "dp" and plan.target_epsilon is not None:
+            planned = plan.planned_ledger().epsilon(plan.delta)
+            if planned > plan.target_epsilon:  # calibration guarantees this never happens; check anyway
+                raise RunError(f"plan: planned epsilon {planned:.4g} exceeds target {plan.target_epsilon}; refusing")
+        self.plan = plan
+        return plan
+
+    def reserve_budget(self, dataset_id: str) -> None:
+        """Charge the dataset budget (if the dataset has one, or the recipe declares one): refuses a run that
+        would overspend it, writing nothing. Rank 0 only."""
+        def reserve():
+            run_id = (self.rd.run_id() if self.resume else None) or f"{self.rd.root.name}-{uuid.uuid4().hex[:12]}"
+            try:
+                budget = acc.reserve_run(dataset_id, run_id, self.plan.planned_ledger(), delta=self.plan.delta,
+                                         declared_epsilon=self.recipe.privacy.dataset_budget)
+            except acc.InvalidParameterError as err:
+                raise RunError(f"privacy.dataset_budget: {err}") from None
+            return run_id, budget
+
+        self.run_id, self.budget = self.dist.on_main(reserve, share=False) or (None, None)
+
+    # ---- start or resume ----
+    def start(self, dp_seed: int | None = None, fresh_state: Callable[[], dict[str, Any]] | None = None) -> None:
+        """Resume from the checkpoint, or start fresh: a secret dp_seed, a ledger holding every release of the
+        plan, and (rank 0) config.yaml, run_id and state.json written before any training. ``fresh_state()``
+        (fresh starts only, rank 0) returns more JSON state to persist, e.g. released noisy counts."""
+        rd, plan = self.rd, self.plan
+
+        def begin() -> tuple[dict | None, dict[str, Any], int | None]:
+            from dptrain.trainers.checkpoint import load_checkpoint
+
+            rd.make()
+            if self.resume and rd.checkpoint.exists():
+                return load_checkpoint(rd.checkpoint), self.state, None
+            state = dict(self.state)
+            if fresh_state is not None and not (self.resume and "fresh" in state):
+                state.update(fresh_state())
+            state["fresh"] = True
+            atomic_write_bytes(rd.config, self.config_text.encode())
+            atomic_write_bytes(rd.run_id_file, (self.run_id or f"{rd.root.name}-{uuid.uuid4().hex[:12]}").encode())
+            atomic_write_json(rd.state, jsonable(state))
+            return None, state, secrets.randbits(63) if dp_seed is None else int(dp_seed)
+
+        ckpt, self.state, new_seed = self.dist.on_main(begin)
+        if ckpt is not None:
+            self.ledger = acc.PrivacyLedger.from_dict(json.loads(ckpt["ledger"]))
+            self.dp_seed, self.start_step = int(ckpt["dp_seed"]), int(ckpt["step"])
+            self.metrics = json.loads(ckpt["metrics"])
+            self.checkpoint = ckpt
+        else:
+            self.dp_seed, self.start_step = new_seed, 0
+            self.ledger = plan.new_ledger(run=rd.root.name, recipe=self.recipe.name)
+            for label, event in plan.releases:
+                self.ledger.compose(event, label=label)
+
+    # ---- training ----
+    def fit(self, trainer, sampler, x, y, units, *, progress: bool, checkpoint_every: int | None = None,
+            augment=None, log_loss: bool = True) -> float:
+        """THE loop with a progress bar, per-epoch metrics (private/metrics.jsonl) and atomic checkpoints
+        (every epoch and at the end: trainer state, ledger, step, secret dp_seed, metrics). The progress bar
+        shows step, epoch, epsilon and ETA; the training loss only for non-private runs (for a DP run it is an
+        un-noised statistic of the private batches). Returns the seconds this session trained."""
+        from dptrain.trainers.checkpoint import save_checkpoint
+        from dptrain.trainers.loop import run_loop
+
+        plan, rd, ledger, metrics = self.plan, self.rd, self.ledger, self.metrics
+        writer = self.dist.is_main
+        show_loss = log_loss and plan.mode == "non_private"
+        k = plan.scheme.steps_per_epoch()
+        every = checkpoint_every or k
+        bar = _Progress(plan, self.start_step, progress and writer, show_loss)
+        epoch_loss = {"sum": 0.0, "rows": 0}
+
+        def save(done: int) -> None:
+            save_checkpoint(rd.checkpoint, {
+                "trainer": trainer.state_dict(), "ledger": json.dumps(ledger.to_dict()), "step": done,
+                "dp_seed": self.dp_seed, "metrics": json.dumps(metrics)})
+            ledger.save(rd.ledger)
+            atomic_write_bytes(rd.metrics, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+
+        def on_step(done: int, stats, led) -> None:
+            epoch_loss["sum"] += stats.loss_sum
+            epoch_loss["rows"] += stats.rows
+            if done % k == 0 or done == plan.steps:
+                eps = led.epsilon(plan.delta, quick=True)  # per-epoch upper bound; the record has the final number
+                metrics.append({"epoch": round(plan.epochs_done(done), 3), "step": done,
+                                "epsilon_upper_bound": eps if math.isfinite(eps) else "inf",
+                                "train_loss_mean": epoch_loss["sum"] / max(epoch_loss["rows"], 1)
+                                if show_loss else None})
+                epoch_loss.update(sum=0.0, rows=0)
+            if done % every == 0 or done == plan.steps:
+                save(done)
+
+        t0 = time.time()
+        try:
+            run_loop(trainer, sampler, plan, ledger, x, y, units, start_step=self.start_step,
+                     callbacks=[bar, on_step] if writer else [], augment=augment)
+        finally:
+            bar.close()
+        return time.time() - t0
+
+    # ---- finish ----
+    def finish(self, statement: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0: write release/privacy.json and ledger.json, settle the budget, remove the checkpoint (the
+        secret seed) unless kept, then write private/record.json last (its presence marks the run finished)."""
+        rd = self.rd
+        self.ledger.save(rd.ledger)
+        atomic_write_json(rd.statement, statement)
+        if self.budget is not None:
+            self.budget.settle(self.run_id, self.ledger)
+        if self.keep_checkpoint:
+            atomic_write_bytes(rd.private / KEPT_CHECKPOINT_NOTE, (
+                b"checkpoint.pt in this folder holds the secret DP seed: with it and the initial weights the noise of "
+                b"every step can be regenerated and subtracted, which voids the privacy guarantee. Never copy it out "
+                b"of the hospital; delete it when you no longer need to resume or extend this run.\n"))
+        else:
+            rd.checkpoint.unlink(missing_ok=True)
+        state = dict(self.state)
+        state.pop("fresh", None)
+        record = {**record, "privacy": statement, "run_id": self.run_id or rd.run_id(),
+                  "checkpoint_kept": self.keep_checkpoint, "versions": software_versions()}
+        record["files"] = rd.files()
+        record["files"][PRIVATE] = sorted({*record["files"].get(PRIVATE, []), "record.json"})
+        record = jsonable(record)
+        atomic_write_json(rd.record, record)
+        return record
+
+
+class _Progress:
+    """Progress bar: step, epoch, epsilon spent so far, ETA (tqdm); the running loss only if ``show_loss``."""
+
+    def __init__(self, plan: PrivacyPlan, start: int, enabled: bool, show_loss: bool):
+        from tqdm.auto import tqdm
+
+        self.show_loss = show_loss
+        self.plan, self.k = plan, plan.scheme.steps_per_epoch()
+        self.bar = tqdm(total=plan.steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+        self.loss, self.rows, self.eps = 0.0, 0, None
+
+    def __call__(self, done: int, stats, ledger) -> None:
+        self.loss += stats.loss_sum
+        self.rows += stats.rows
+        if done % self.k == 0 or done == self.plan.steps:
+            self.eps = ledger.epsilon(self.plan.delta, quick=True)
+        self.bar.update(1)
+        post = {"epoch": f"{self.plan.epochs_done(done):.1f}"}
+        if self.show_loss:
+            post["loss"] = f"{self.loss / max(self.rows, 1):.4f}"
+        post["eps"] = "n/a" if self.eps is None else f"{self.eps:.3g}"
+        self.bar.set_postfix(post, refresh=False)
+
+    def close(self):
+        self.bar.close()
+
+
+__all__ = ["CHECKPOINT", "PRIVATE", "RELEASE", "RunDir", "RunError", "RunResult", "Session", "independent_epsilon",
+           "jsonable", "privacy_statement", "software_versions"]
