@@ -57,7 +57,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -659,12 +661,19 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
     if np.max(np.abs(twin - expected)) > ONNX_TOLERANCE:
         raise ReleaseError(f"ONNX export: the torch model differs from the released model by "
                            f"{np.max(np.abs(twin - expected)):.2g}; not exported")
+    quiet = logging.getLogger("torch.onnx")  # the exporter logs skipped torchvision ops, irrelevant here
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
-        program = torch.onnx.export(wrapped, (torch.from_numpy(probe[:2]),), input_names=["input"],
-                                    output_names=["probabilities"], dynamo=True, external_data=False,
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.export internals
+            program = torch.onnx.export(wrapped, (torch.from_numpy(probe[:2]),), input_names=["input"],
+                                        output_names=["probabilities"], dynamo=True, external_data=False,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     except Exception as err:  # the exporter's failures are long; one line
         raise ReleaseError(f"ONNX export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    finally:
+        quiet.setLevel(level)
     proto = program.model_proto
     for key, value in (("dptrain.format", FORMAT), ("dptrain.classes", json.dumps(model.classes)),
                        ("dptrain.input", json.dumps(model.input_spec)), ("dptrain.weights_sha256",

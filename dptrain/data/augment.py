@@ -44,7 +44,8 @@ def make_augmenter(kind: str, multiplicity: int, seed: int) -> Callable[[Batch, 
         if len(batch) == 0:
             return batch
         if batch.x.ndim != 4:
-            raise ValueError(f"training.augment: {kind} needs images (n, C, H, W), got shape {batch.x.shape}")
+            raise ValueError(f"training.augment: {kind} needs images (n, C, H, W), got {batch.x.ndim}-D inputs; "
+                             "set training.augment: none for tables")
         rng = np.random.default_rng([seed, 7, step])
         k = multiplicity
         x = np.concatenate([flip_shift(batch.x, rng) for _ in range(k)])

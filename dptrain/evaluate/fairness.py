@@ -117,10 +117,9 @@ def groupings(sensitive: pd.DataFrame, *, intersection: bool = True) -> list[Gro
     per_column: list[np.ndarray] = []
     for col, name in zip(sensitive.columns, columns, strict=True):
         values = sensitive[col]
-        missing = int(values.isna().sum())
-        if missing:
+        if values.isna().any():
             raise ValueError(
-                f"sensitive: column {name!r} has {missing} missing value(s); "
+                f"sensitive: column {name!r} has missing values; "
                 f"fix: fill them with an explicit category (e.g. 'unknown') or drop those rows from the test set"
             )
         per_column.append(np.array([str(v) for v in values], dtype=object))

@@ -422,6 +422,11 @@ def _selection(runs: list[RunData], configs: list[dict[str, Any]]) -> tuple[dict
                                  "delta": delta}
         entry.update(_composition(ledgers, delta))
         entry.update(_repeat_and_select(ledgers, delta))
+        rs, comp = entry["repeat_and_select_epsilon"], entry["composition_epsilon"]
+        if math.isfinite(rs) and math.isfinite(comp) and rs >= comp:
+            entry["repeat_and_select_note"] = (
+                "for these runs RepeatAndSelect is not smaller than the composition (with few runs its overhead "
+                "dominates): the composition is the number to use")
         out[b] = entry
     composition_all = None
     if len(out) > 1:

@@ -176,7 +176,8 @@ def _selection_lines(an: Analysis) -> list[str]:
         if math.isfinite(rs):
             lines.append(
                 f"  - RepeatAndSelect (Papernot & Steinke 2022, RDP): epsilon = {_f(rs, 4)} at delta = {s['delta']:g}, "
-                f"valid only if {s['repeat_and_select_assumption']} (plan the next sweep that way to use it).")
+                f"valid only if {s['repeat_and_select_assumption']}."
+                + (f" Note: {s['repeat_and_select_note']}." if "repeat_and_select_note" in s else ""))
         else:
             lines.append(f"  - RepeatAndSelect: {s.get('repeat_and_select_note', 'not computed')}.")
     if an.composition_all is not None:

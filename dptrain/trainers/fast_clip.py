@@ -32,9 +32,17 @@ this module uses it for 2-D Dense inputs (a B x B Gram masked to same-unit pairs
 Embeddings per unit: a Gram over all tokens of the chunk masked to same-unit, same-token pairs when
 ``(B T)^2 < U V e``, else a per-unit scatter. Norm-layer grads and the vmap fallback: ``segment_sum``.
 
+Row weights: ``mask`` is a weight w_i >= 0 per row (0 for padding, 1 for a real row, 1/K for each of K
+augmented copies, anything nonnegative in general); a unit's gradient is ``sum_{i in u} w_i grad loss_i``.
+The weight enters exactly once, as the loss cotangent of the one backward pass (``vjp(mask)``; the
+vmap fallback's per-row loss is ``w_i loss_i``), so every ``g`` and every materialised per-row or
+per-unit gradient already carries it. The clipped sum multiplies those by clip factors only (``c_u`` per
+unit, ``c_u`` of the row's unit per row), never by the weight again.
+
 Formal guarantees: with ``c`` computed from the exact per-unit norms, each unit's contribution to the
-returned sum has L2 norm <= C (up to float rounding), whatever the method of each layer. Rows with
-``mask = 0`` contribute nothing (their loss cotangent is zero, so their ``g`` is zero).
+returned sum has L2 norm <= C (up to float rounding), whatever the method of each layer and whatever
+the weights. Rows with ``mask = 0`` contribute nothing (their loss cotangent is zero, so their ``g`` is
+zero).
 
 Warning (sharp edge): the tap rules are exact only because each tapped parameter enters the loss only
 through its layer's output, and the model never mixes examples (no BatchNorm). Models built from
@@ -425,15 +433,17 @@ def unit_norms(apply_fn: ApplyFn, params, x, y, mask, *, units: Units | None = N
 
 def clipped_grad_sum(apply_fn: ApplyFn, params, x, y, mask, *, clip: float, units: Units | None = None,
                      method: Method = "auto", layer_method: LayerMethod = "auto"):
-    """Sum over rows (or units) of gradients clipped to L2 norm ``clip``, and the masked loss sum.
+    """Sum over rows (or units) of gradients clipped to L2 norm ``clip``, and the weighted loss sum.
 
-    ``apply_fn(params, x) -> logits``; ``mask`` (B,) is 1 for real rows, 0 for padding; ``units`` groups
-    rows into privacy units (None: each row is its own unit). Returns ``(grads like params, loss_sum)``.
+    ``apply_fn(params, x) -> logits``; ``mask`` (B,) is each row's loss weight (1 for real rows, 0 for
+    padding, 1/K for augmult copies; any value >= 0); ``units`` groups rows into privacy units (None: each
+    row is its own unit). Each unit's gradient ``sum_{i in u} mask_i grad loss_i`` is clipped to
+    ``clip``. Returns ``(grads like params, loss_sum)``.
     """
     p = _run_pass(apply_fn, params, x, y, mask, units, method, layer_method)
     c_unit = jnp.minimum(1.0, clip / (jnp.sqrt(p.norm2) + EPS))
-    c_row = (c_unit if units is None else c_unit[units.seg]) * mask
-    if units is None:
-        c_unit = c_row
+    # The pass's gradients (g, per-row / per-unit grads) already carry the weights (the loss cotangent is
+    # ``mask``): multiply by clip factors only. Padding rows have g = 0, whatever their factor.
+    c_row = c_unit if units is None else c_unit[units.seg]
     flat = p.clipped(c_unit, c_row)
     return traverse_util.unflatten_dict(flat), p.loss_sum

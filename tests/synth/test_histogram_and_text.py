@@ -66,13 +66,17 @@ def test_iu_xray_reports_builtin():
 def test_csv_and_jsonl_records(tmp_path):
     rows = [{"report": f"text {i}", "dx": "pos" if i % 3 else "neg"} for i in range(20)] + [{"report": "", "dx": "neg"}]
     (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    d = load_text(str(tmp_path / "r.jsonl"), text_column="report", label_column="dx", positive_label="pos", seed=1)
+    d = load_text(str(tmp_path / "r.jsonl"), text_column="report", label_column="dx", positive_label="pos",
+                  classes=["neg", "pos"], seed=1)
     assert d.classes == ["neg", "pos"] and len(d.texts_train) + len(d.texts_test) == 20
     assert all(t.startswith("text") for t in d.texts_train)
     with pytest.raises(DataError, match="data.text_column"):
-        load_text(str(tmp_path / "r.jsonl"), text_column="body", label_column="dx")
+        load_text(str(tmp_path / "r.jsonl"), text_column="body", label_column="dx", classes=["neg", "pos"])
     with pytest.raises(DataError, match="data.positive_label"):
-        load_text(str(tmp_path / "r.jsonl"), text_column="report", label_column="dx", positive_label="x")
+        load_text(str(tmp_path / "r.jsonl"), text_column="report", label_column="dx", positive_label="x",
+                  classes=["neg", "pos"])
+    with pytest.raises(DataError, match="data.classes"):  # class names are declared, never read from the data
+        load_text(str(tmp_path / "r.jsonl"), text_column="report", label_column="dx", positive_label="pos")
 
 
 def test_text_builtin_is_listed_like_the_other_builtins():
