@@ -153,7 +153,7 @@ def plan(mode: str, batch: int, truncated: bool):
     return PrivacyPlan(scheme=scheme, noise_multiplier=1.0 if private else 0.0,
                        clipping_norm=1.0 if private else None, steps=10**6, expected_batch_size=float(batch),
                        delta=1e-6, accountant="pld", mode="dp" if private else "non_private",
-                       privacy_unit="example", num_units=NUM_UNITS)
+                       privacy_unit="example", size=NUM_UNITS)
 
 
 def trainer(model_name: str, mode: str):

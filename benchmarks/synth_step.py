@@ -66,7 +66,7 @@ def main() -> None:
         cache_s = time.perf_counter() - t0
         plan = PrivacyPlan(scheme=acc.PoissonSampling(0.5), noise_multiplier=1.0 if mode == "dp" else 0.0,
                            clipping_norm=1.0 if mode == "dp" else None, steps=10, expected_batch_size=args.batch,
-                           delta=1e-5, accountant="pld", mode=mode, privacy_unit="example", num_units=2 * args.batch)
+                           delta=1e-5, accountant="pld", mode=mode, privacy_unit="example", size=2 * args.batch)
         trainer = OpacusTrainer(OptimizerConfig(name="adam", lr=1e-3), task=task, device="cpu",
                                 max_physical_batch_size=args.batch)
         trainer.init(lora, plan, seed=0, dp_seed=1)

@@ -114,9 +114,12 @@ def flax_weight_dict(params, others=None) -> dict[str, np.ndarray]:
 
 
 def _as_float32(arr: np.ndarray, name: str) -> np.ndarray:
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ReleaseError(f"weights: {name!r} has dtype {arr.dtype}, expected floating point weights")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    """Floating point -> float32; integer buffers (none in the built-in models) are kept as they are."""
+    if np.issubdtype(arr.dtype, np.floating):
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        return np.ascontiguousarray(arr)
+    raise ReleaseError(f"weights: {name!r} has dtype {arr.dtype}, expected floating point weights")
 
 
 def _inputs(data: TabularData) -> int | list[int]:
@@ -192,7 +195,7 @@ def save_release_model(release_dir: Path, recipe: Recipe, data: TabularData, wei
 def _check_names(expected: dict[str, tuple[int, ...]], arrays: dict[str, np.ndarray], what: str) -> None:
     missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
     if missing or extra:
-        raise ReleaseError(f"{what} do not match the architecture in model.json (missing {_few(missing, 3)}, "
+        raise ReleaseError(f"{what} do not match the model's architecture (missing {_few(missing, 3)}, "
                            f"unexpected {_few(extra, 3)}); release the weights of the model the run trained")
     bad = [k for k in sorted(expected) if tuple(arrays[k].shape) != tuple(expected[k])]
     if bad:
@@ -225,8 +228,8 @@ class _TorchNet:
 
     def load(self, arrays: dict[str, np.ndarray]) -> None:
         torch = self.torch
-        state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()}
-        self.module.load_state_dict(state, strict=True)
+        state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        self.module.load_state_dict(state, strict=True)  # copies into the module's own dtypes
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -332,6 +335,9 @@ def _read_spec(folder: Path) -> dict[str, Any]:
     if spec["backend"] not in BACKENDS:
         raise ReleaseError(f"{path}: unknown backend {spec['backend']!r} (expected one of {list(BACKENDS)}); "
                            "this dptrain is too old for the model, upgrade it")
+    if not isinstance(spec["input"], dict) or spec["input"].get("kind") not in ("table", "image"):
+        raise ReleaseError(f"{path}: 'input' must describe a table or image input; this dptrain is too old for "
+                           "the model, upgrade it")
     weights = spec["weights"]
     name = weights.get("file") if isinstance(weights, dict) else None
     if not isinstance(name, str) or name != Path(name).name or name.startswith(".") or not isinstance(
@@ -567,16 +573,17 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, Path]:
         raise ReleaseError(f"{path}: no such file; check the path")
     try:
         frame = _read_file(str(path))
-    except DataError as err:
-        raise ReleaseError(f"{path}: could not be read as a table; check that it is a valid CSV / Parquet file "
-                           f"({str(err).split('(', 1)[-1].split(')')[0]})") from None
+    except DataError:
+        raise ReleaseError(f"{path}: could not be read as a table; check that it is a valid CSV / Parquet "
+                           "file") from None
     return frame, path.resolve().parent
 
 
 def _check_out(out: Path, suffix: str, overwrite: bool) -> Path:
     out = Path(out).expanduser()
     if out.is_dir():
-        raise ReleaseError(f"--out {out}: is a directory; give a file name, e.g. {out / ('scores' + suffix)}")
+        example = out / ("scores.csv" if suffix == ".csv" else "model" + suffix)
+        raise ReleaseError(f"--out {out}: is a directory; give a file name, e.g. {example}")
     if out.suffix.lower() != suffix:
         raise ReleaseError(f"--out {out}: expected a file name ending in {suffix}")
     if out.exists() and not overwrite:

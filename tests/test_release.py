@@ -310,7 +310,7 @@ def test_damaged_or_foreign_files_are_refused(table_run, tmp_path):
     weights.write_bytes(other)
     spec_path.write_text(json.dumps({**spec, "weights": {"file": "model.safetensors",
                                                           "sha256": hashlib.sha256(other).hexdigest()}}))
-    refused("do not match the architecture")
+    refused("do not match the model")
     weights.write_bytes(good)
     spec_path.write_text("{not json")
     refused("not valid JSON")

@@ -12,10 +12,11 @@ Clipping (``clipping``): ``auto`` -- ghost norms / book-keeping for the layers o
 clipping (a patient with several rows) works in both.
 
 Static shapes: the batch is padded with masked rows, so jit compiles once per shape:
-  * per example, under ``TruncatedPoissonSampling`` (what ``PrivacyPlan.from_recipe`` builds for this
-    backend): always ``scheme.max_batch_size`` rows, one compilation for the whole run; a larger batch
-    is refused (the sampler truncates, so it never happens). Under a scheme without a maximum (plain
-    Poisson, shuffled) the batch is padded to the next power of two (a few compilations).
+  * per example, under plain Poisson sampling (what ``PrivacyPlan.from_recipe`` builds for both backends:
+    a truncated-Poisson event would depend on the exact number of units, which is private) the batch is
+    padded to the next power of two (a few compilations per run). Under ``TruncatedPoissonSampling``
+    (still supported when a plan is built by hand) always ``scheme.max_batch_size`` rows, one compilation;
+    a larger batch is refused.
   * per unit: rows are grouped by unit into chunks that never split a unit; the row count is padded
     to a power of two (at least ``max_batch_size`` when the scheme has one), chunks to a power of two.
 Logical batches above ``max_physical_batch_size`` rows are processed in equal chunks by ``lax.scan``
@@ -248,7 +249,7 @@ class JaxTrainer:
         per_unit = self.per_unit or len(np.unique(batch.units)) < n  # e.g. augmentation multiplicity
         if not per_unit or self.plan.mode == "non_private":
             if cap is not None and n > cap:
-                raise TrainerError(f"batch: {n} rows exceed the plan's max_batch_size {cap}; the sampler truncates "
+                raise TrainerError(f"batch: more rows than the plan's max_batch_size {cap}; the sampler truncates "
                                    "to it, so batches must come from the plan's sampler")
             total = cap if cap is not None else _pow2(n)
             m = -(-min(self.max_physical, total) // d)  # rows per device and chunk (global: m * d)
@@ -258,7 +259,7 @@ class JaxTrainer:
             return slots.T.reshape(d, k, m), None
         uniq, inverse = np.unique(batch.units, return_inverse=True)
         if cap is not None and len(uniq) > cap:
-            raise TrainerError(f"batch: {len(uniq)} units exceed the plan's max_batch_size {cap}")
+            raise TrainerError(f"batch: more units than the plan's max_batch_size {cap}")
         order = np.argsort(inverse, kind="stable")
         groups = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1) if n else []
         m = min(self.max_physical, _pow2(max(n, cap or 1)))
@@ -268,7 +269,7 @@ class JaxTrainer:
         size = m
         for g in groups:
             if len(g) > m:
-                raise TrainerError(f"batch: one privacy unit has {len(g)} rows, more than "
+                raise TrainerError("batch: a sampled privacy unit has more rows than "
                                    f"trainer.max_physical_batch_size={self.max_physical}; raise it")
             if size + len(g) > m:
                 chunks.append([])

@@ -359,7 +359,7 @@ class OpacusTrainer:
             index = {id(p): i for i, p in enumerate(module.parameters())}
             for name, p in module.named_parameters(remove_duplicate=False):
                 out[name] = self.ema[index[id(p)]].detach().cpu()
-        return {k: np.ascontiguousarray(v.numpy(), dtype=np.float32) if v.is_floating_point() else v.numpy().copy()
+        return {k: np.ascontiguousarray(v.float().numpy()) if v.is_floating_point() else v.numpy().copy()
                 for k, v in out.items()}
 
     def _frozen(self) -> set[str]:

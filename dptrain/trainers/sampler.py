@@ -37,11 +37,11 @@ class UnitSampler:
                  secure: bool = False):
         units = np.asarray(units, dtype=np.int64)
         if units.ndim != 1 or (len(units) and (units.min() < 0 or units.max() >= num_units)):
-            raise ValueError(f"units: expected unit indices in [0, {num_units}), got range "
-                             f"[{units.min() if len(units) else None}, {units.max() if len(units) else None}]")
+            raise ValueError("units: expected unit indices in [0, number of units); a row's unit is out of range "
+                             "(an internal error: units come from the data loader)")
         if isinstance(scheme, (acc.FixedSizeSampling, acc.TruncatedPoissonSampling)):
             if scheme.dataset_size != num_units:
-                raise ValueError(f"sampling: scheme dataset_size {scheme.dataset_size} != number of units {num_units}")
+                raise ValueError("sampling: this scheme needs dataset_size equal to the number of units it samples")
         if secure and isinstance(scheme, acc.ShuffledEpochs):
             raise ValueError("privacy.secure_rng: shuffled epochs need one permutation per epoch that survives a "
                              "resume; use sampling: poisson with secure_rng")
