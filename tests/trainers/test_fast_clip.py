@@ -69,12 +69,17 @@ class Mixed(nn.Module):
         return nn.Dense(3)(h)
 
 
-@functools.cache
-def _program(model, layer_method: str, per_unit: bool):
-    """One compiled program per (model, shapes, method): the reference and the fast path side by side.
+Variant = tuple[str, bool]  # (layer method, per unit)
+PER_ROW_AND_UNIT: tuple[Variant, ...] = (("ghost", False), ("direct", False), ("ghost", True), ("direct", True))
 
-    Reference: per-row gradients by ``jax.vmap(jax.grad(...))`` (summed per unit), their norms, clip
-    factors and the clipped sum, written here independently of ``fast_clip``."""
+
+@functools.cache
+def _program(model, variants: tuple[Variant, ...]):
+    """One compiled program per (model, shapes, variants): the reference and the fast path side by side,
+    for each (layer method, per unit) variant (several variants share the reference and one compilation).
+
+    Reference: per-row gradients by ``jax.vmap(jax.grad(...))`` of the row's weighted loss (summed per
+    unit), their norms, clip factors and the clipped sum, written here independently of ``fast_clip``."""
 
     def run(params, others, x, y, mask, seg):
         def apply_fn(p, xx):
@@ -83,20 +88,22 @@ def _program(model, layer_method: str, per_unit: bool):
         def loss_one(p, xi, yi, mi):
             return mi * fast_clip.cross_entropy(apply_fn(p, xi[None]), yi[None])[0]
 
-        g = jax.vmap(jax.grad(loss_one), in_axes=(None, 0, 0, 0))(params, x, y, mask)
-        b = x.shape[0]
-        if per_unit:
-            g = jax.tree.map(lambda v: jax.ops.segment_sum(v, seg, num_segments=b), g)
-        ref_norms = jnp.sqrt(sum(jnp.sum(jnp.square(v.reshape(b, -1)), 1) for v in jax.tree.leaves(g)))
-        clip = jnp.median(ref_norms) + 1e-3  # some clipped, some not
-        c = jnp.minimum(1.0, clip / (ref_norms + 1e-6))
-        ref_sum = jax.tree.map(lambda v: jnp.tensordot(c, v, axes=1), g)
-        units = fast_clip.Units(seg, b) if per_unit else None
-        norms = fast_clip.unit_norms(apply_fn, params, x, y, mask, units=units, layer_method=layer_method)
-        got_sum, loss = fast_clip.clipped_grad_sum(apply_fn, params, x, y, mask, clip=clip, units=units,
-                                                   layer_method=layer_method)
+        rows = jax.vmap(jax.grad(loss_one), in_axes=(None, 0, 0, 0))(params, x, y, mask)
         ref_loss = jnp.sum(mask * fast_clip.cross_entropy(apply_fn(params, x), y))
-        return ref_norms, norms, ref_sum, got_sum, ref_loss, loss, clip
+        b = x.shape[0]
+        out = []
+        for layer_method, per_unit in variants:
+            g = jax.tree.map(lambda v: jax.ops.segment_sum(v, seg, num_segments=b), rows) if per_unit else rows
+            ref_norms = jnp.sqrt(sum(jnp.sum(jnp.square(v.reshape(b, -1)), 1) for v in jax.tree.leaves(g)))
+            clip = jnp.median(ref_norms) + 1e-3  # some clipped, some not
+            c = jnp.minimum(1.0, clip / (ref_norms + 1e-6))
+            ref_sum = jax.tree.map(lambda v, c=c: jnp.tensordot(c, v, axes=1), g)
+            units = fast_clip.Units(seg, b) if per_unit else None
+            norms = fast_clip.unit_norms(apply_fn, params, x, y, mask, units=units, layer_method=layer_method)
+            got_sum, loss = fast_clip.clipped_grad_sum(apply_fn, params, x, y, mask, clip=clip, units=units,
+                                                       layer_method=layer_method)
+            out.append((ref_norms, norms, ref_sum, got_sum, ref_loss, loss, clip))
+        return out
 
     # tiny programs, many shapes: XLA's backend optimisation would take most of the test time
     return jax.jit(run, compiler_options={"xla_backend_optimization_level": 0})
@@ -110,8 +117,8 @@ def _weights(rng, b: int, kind: str) -> np.ndarray:
     return np.where(real, w, 0.0).astype(np.float32)
 
 
-def _check(model, x, seed, layer_method="auto", units=None, weights="binary", mask=None):
-    """Fast norms, clipped sum and loss equal the vmap reference; returns (clipped sum, clip, ref norms)."""
+def _run(model, x, seed, variants: tuple[Variant, ...], units=None, weights="binary", mask=None):
+    """The program's results (one tuple per variant) on random parameters, labels and row weights."""
     b = x.shape[0]
     rng = np.random.default_rng(seed)
     # random values everywhere (LoRA's B starts at zero, which would hide half the adapter's gradient);
@@ -122,14 +129,23 @@ def _check(model, x, seed, layer_method="auto", units=None, weights="binary", ma
     y = jnp.asarray(rng.integers(0, 3, b))
     mask = jnp.asarray(_weights(rng, b, weights) if mask is None else np.asarray(mask, np.float32))
     seg = jnp.asarray(np.zeros(b, np.int32) if units is None else units)
-    ref_n, got_n, ref_sum, got_sum, ref_loss, loss, clip = _program(model, layer_method, units is not None)(
-        params, variables, x, y, mask, seg)
+    return _program(model, variants)(params, variables, x, y, mask, seg)
+
+
+def _assert_matches(result):
+    """Fast norms, clipped sum and loss equal the vmap reference; returns (clipped sum, clip, ref norms)."""
+    ref_n, got_n, ref_sum, got_sum, ref_loss, loss, clip = result
     np.testing.assert_allclose(got_n, ref_n, rtol=2e-4, atol=1e-5)
-    assert jax.tree.structure(got_sum) == jax.tree.structure(params)
+    assert jax.tree.structure(got_sum) == jax.tree.structure(ref_sum)
     for r, g in zip(jax.tree.leaves(ref_sum), jax.tree.leaves(got_sum), strict=True):
         np.testing.assert_allclose(g, r, rtol=2e-4, atol=1e-5)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     return got_sum, float(clip), np.asarray(ref_n)
+
+
+def _check(model, x, seed, layer_method="auto", units=None, weights="binary"):
+    (result,) = _run(model, x, seed, ((layer_method, units is not None),), units, weights)
+    _assert_matches(result)
 
 
 methods = st.sampled_from(["auto", "ghost", "direct"])
@@ -195,14 +211,26 @@ def _fixed_model(name: str):
     return Mixed(), jnp.asarray(rng.normal(size=(b, 4)), jnp.float32)
 
 
+MASKS = {"unequal": UNEQUAL,
+         "one_unit": np.where(UNEQUAL_UNITS == 0, UNEQUAL, 0.0),  # only unit 0: 0.3, 1.7, 0.5
+         "one_row": np.where(np.arange(len(UNEQUAL)) == 1, 1.7, 0.0)}  # only row 1: 1.7
+
+
+@functools.cache
+def _fixed_results(name: str, mask: str):
+    """All four variants (ghost / direct, per example / per unit) of one model in one program (one
+    compilation per model; the masks are data)."""
+    model, x = _fixed_model(name)
+    return _run(model, x, 3, PER_ROW_AND_UNIT, UNEQUAL_UNITS, mask=MASKS[mask])
+
+
 @pytest.mark.parametrize("per_unit", [False, True], ids=["per_example", "per_unit"])
 @pytest.mark.parametrize("method", ["ghost", "direct"])
 @pytest.mark.parametrize("name", MODELS)
 def test_unequal_row_weights_match_vmap(name, method, per_unit):
     """Weights unequal inside a unit, and 1/K weights, enter exactly once on every layer path (the
     vmap reference weights each row's loss once)."""
-    model, x = _fixed_model(name)
-    _check(model, x, 3, method, UNEQUAL_UNITS if per_unit else None, mask=UNEQUAL)
+    _assert_matches(_fixed_results(name, "unequal")[PER_ROW_AND_UNIT.index((method, per_unit))])
 
 
 def _tree_norm(tree) -> float:
@@ -213,12 +241,11 @@ def _tree_norm(tree) -> float:
 @pytest.mark.parametrize("method", ["ghost", "direct"])
 @pytest.mark.parametrize("name", MODELS)
 def test_one_unit_with_unequal_weights_contributes_norm_clip(name, method, per_unit):
-    """Only one unit has weight (per unit: rows weighted 0.3, 1.7, 0.5; per example: one row weighted
-    1.7): the clipped sum is that unit's contribution, and its norm is C (<= C up to 1e-5 relative).
-    Same shapes as above: no new compilation."""
-    model, x = _fixed_model(name)
-    one = np.where(UNEQUAL_UNITS == 0, UNEQUAL, 0.0) if per_unit else np.where(np.arange(7) == 1, 1.7, 0.0)
-    got_sum, clip, ref_n = _check(model, x, 3, method, UNEQUAL_UNITS if per_unit else None, mask=one)
+    """Only one unit has weight -- per unit: unit 0, rows weighted 0.3, 1.7, 0.5; per example: row 1,
+    weighted 1.7 -- so the clipped sum is that unit's contribution: its norm is C (<= C up to 1e-5
+    relative; C is small enough that the unit is clipped). Same program as above: no new compilation."""
+    got_sum, clip, ref_n = _assert_matches(
+        _fixed_results(name, "one_unit" if per_unit else "one_row")[PER_ROW_AND_UNIT.index((method, per_unit))])
     assert ref_n.max() > 2 * clip  # the unit is clipped
     norm = _tree_norm(got_sum)
     assert norm <= clip * (1 + 1e-5), norm / clip
