@@ -114,8 +114,9 @@ def _cmd_train(args) -> int:
     rec = result.record
     p, m = rec["privacy"], rec["metrics"]["test"]
     print(f"run directory: {result.out_dir}  (publishable: release/; keep in-house: private/)")
-    if "warning" in p:
-        print(f"WARNING: {p['warning']}")
+    for w in (p.get("warning"), rec["data"].get("warning")):
+        if w:
+            print(f"WARNING: {w}")
     print(_statement_line(p))
     print("test (private): " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
     _print_kept(rec, result.out_dir)

@@ -119,11 +119,19 @@ class RunDir:
         if resume and record is None and not self.checkpoint.exists() and not self.config.exists():
             raise RunError(f"--resume: no interrupted run in {out}; start a new run without --resume")
         if resume and record is not None:
+            if not record.get("checkpoint_kept"):
+                self.remove_secrets()  # a crash after the record was written may have left the seed behind
             return record
         parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RunError(f"--out {out}: {parent} is not writable; choose another --out")
         return None
+
+    def remove_secrets(self) -> None:
+        """Delete the checkpoint (the secret DP seed) and any temporary copy a killed atomic write left behind."""
+        self.checkpoint.unlink(missing_ok=True)
+        for tmp in self.private.glob(f".{CHECKPOINT}*"):
+            tmp.unlink(missing_ok=True)
 
     def make(self) -> None:
         self.release.mkdir(parents=True, exist_ok=True)
@@ -162,7 +170,7 @@ def independent_epsilon(st: dict[str, Any]) -> float | None:
     if st["sampling"] == "poisson":
         events.append(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps))
     elif st["sampling"] == "shuffled":
-        k = max(1, math.ceil(1 / q))
+        k = int(st["steps_per_epoch"])
         events.append(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(sigma), math.ceil(steps / k)))
     else:
         return None
@@ -196,6 +204,7 @@ def privacy_statement(plan: PrivacyPlan, ledger: acc.PrivacyLedger, recipe: Reci
         "sampling": plan.scheme.name,
         "sampling_rate": plan.scheme.sampling_rate,
         "expected_batch_size": plan.expected_batch_size,
+        "steps_per_epoch": plan.scheme.steps_per_epoch(),
         "max_batch_size": getattr(plan.scheme, "max_batch_size", None),
         "units": {"value": count.value, "added_by_dptrain": count.public_extra, "source": count.source,
                   "meaning": count.describe()},
@@ -268,6 +277,9 @@ class Session:
                 state = self.rd.read_state()
                 if state is not None:
                     return state
+                if self.rd.checkpoint.exists():  # the released count is gone: a new draw would be a second release
+                    raise RunError(f"--resume: {self.rd.state} is missing next to a checkpoint; the run cannot be "
+                                   "resumed without re-releasing the unit count; start a new run")
             return {"unit_count": count_units(self.recipe, true_units, public_extra).to_dict()}
 
         self.state = self.dist.on_main(restore_or_count)
@@ -381,29 +393,47 @@ class Session:
         return time.time() - t0
 
     # ---- finish ----
-    def finish(self, statement: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
-        """Rank 0: write release/privacy.json and ledger.json, settle the budget, remove the checkpoint (the
-        secret seed) unless kept, then write private/record.json last (its presence marks the run finished)."""
+    def settle(self) -> None:
+        """Replace the budget reservation by what the run spent (once; before anything is released)."""
+        if self.budget is not None and not getattr(self, "_settled", False):
+            self.budget.settle(self.run_id, self.ledger)
+            self._settled = True
+
+    def release_dir(self) -> Path:
+        """Where the trained model and generated data go: release/ for a DP run; private/NOT-PRIVATE/ for a
+        non-private or clip-only run (nothing protects it, so it is never on the publishable side)."""
+        if self.plan.mode == "dp":
+            return self.rd.release
+        out = self.rd.private / "NOT-PRIVATE"
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def finish(self, statement: dict[str, Any], record: dict[str, Any],
+               write_release: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Rank 0, in this order: settle the budget (a refusal stops the run before anything is released), write
+        release/ (``write_release()``, ledger.json, privacy.json), write private/record.json (its presence marks
+        the run finished), then remove the checkpoint and any temporary copy (the secret seed) unless kept."""
         rd = self.rd
+        self.settle()
+        if write_release is not None:
+            write_release()
         self.ledger.save(rd.ledger)
         atomic_write_json(rd.statement, statement)
-        if self.budget is not None:
-            self.budget.settle(self.run_id, self.ledger)
+        record = {**record, "privacy": statement, "run_id": self.run_id or rd.run_id(),
+                  "checkpoint_kept": self.keep_checkpoint, "versions": software_versions()}
+        files = rd.files()
+        files[PRIVATE] = sorted({*files.get(PRIVATE, []), "record.json"} - ({CHECKPOINT} if not self.keep_checkpoint
+                                                                             else set()))
+        record["files"] = files
+        record = jsonable(record)
         if self.keep_checkpoint:
             atomic_write_bytes(rd.private / KEPT_CHECKPOINT_NOTE, (
                 b"checkpoint.pt in this folder holds the secret DP seed: with it and the initial weights the noise of "
                 b"every step can be regenerated and subtracted, which voids the privacy guarantee. Never copy it out "
                 b"of the hospital; delete it when you no longer need to resume or extend this run.\n"))
-        else:
-            rd.checkpoint.unlink(missing_ok=True)
-        state = dict(self.state)
-        state.pop("fresh", None)
-        record = {**record, "privacy": statement, "run_id": self.run_id or rd.run_id(),
-                  "checkpoint_kept": self.keep_checkpoint, "versions": software_versions()}
-        record["files"] = rd.files()
-        record["files"][PRIVATE] = sorted({*record["files"].get(PRIVATE, []), "record.json"})
-        record = jsonable(record)
         atomic_write_json(rd.record, record)
+        if not self.keep_checkpoint:
+            rd.remove_secrets()
         return record
 
 

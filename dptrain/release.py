@@ -313,6 +313,9 @@ def _release_dir(run_dir: str | Path) -> Path:
     if not path.is_dir():
         raise ReleaseError(f"{path}: no such directory; give the --out of a `dptrain train` run or its "
                            f"{RELEASE_DIR}/ folder")
+    if (path / "private" / "NOT-PRIVATE" / SPEC_FILE).is_file():
+        raise ReleaseError(f"{path}: a NOT PRIVATE run (epsilon inf or clip_only) has no released model; its model "
+                           f"is in {path / 'private' / 'NOT-PRIVATE'} (give that folder to use it in-house)")
     raise ReleaseError(f"{path}: no released model ({RELEASE_DIR}/{SPEC_FILE} is missing); give the --out of a "
                        f"finished `dptrain train` run or its {RELEASE_DIR}/ folder")
 

@@ -176,7 +176,6 @@ def _train(recipe: Recipe, out: Path, dist, *, resume: bool, dp_seed: int | None
 
     # ---- release, evaluate and record (rank 0) ----
     def finish() -> dict[str, Any]:
-        save_release_model(rd.release, recipe, data, trainer.release_weights())
         probs = trainer.predict(data.x_test)
         test_metrics = utility_metrics(data.y_test, probs[:, 1] if probs.shape[1] == 2 else probs)
         metrics = {"test": test_metrics}
@@ -184,8 +183,7 @@ def _train(recipe: Recipe, out: Path, dist, *, resume: bool, dp_seed: int | None
             pv = trainer.predict(data.x_val)
             metrics["validation"] = utility_metrics(data.y_val, pv[:, 1] if pv.shape[1] == 2 else pv)
         _write_predictions(rd.private / "predictions.parquet", data, probs)
-        statement = privacy_statement(plan, session.ledger, recipe, session.count, covers=COVERS, public=PUBLIC,
-                                      warning=data.preprocessing.get("warning"))
+        statement = privacy_statement(plan, session.ledger, recipe, session.count, covers=COVERS, public=PUBLIC)
         audit = _audit(trainer.predict, data, canaries, statement, recipe)
         atomic_write_json(rd.private / "audit.json", jsonable(audit))
         record = {
@@ -198,6 +196,7 @@ def _train(recipe: Recipe, out: Path, dist, *, resume: bool, dp_seed: int | None
                      "n_test": int(len(data.y_test)), "num_units": data.num_units, "audit_canary_units": n_canaries,
                      "privacy_unit": data.privacy_unit, "classes": data.classes, "features": data.feature_names,
                      "preprocessing": data.preprocessing, "dataset_id": dataset_id,
+                     "warning": data.preprocessing.get("warning"),  # e.g. per-image DP on data with patient ids
                      "note": "exact counts: private (the statement releases only 'units')"},
             "training": {"backend": recipe.trainer.backend,
                          "clipping": recipe.trainer.grad_sample_mode if recipe.trainer.backend == "opacus"
@@ -205,7 +204,9 @@ def _train(recipe: Recipe, out: Path, dist, *, resume: bool, dp_seed: int | None
                          "steps": session.ledger.steps, "seconds_this_session": round(seconds, 2), "resumed": resume,
                          "world_size": dist.world_size, "devices": getattr(trainer, "num_devices", 1)},
         }
-        return session.finish(statement, record)
+        record["model_files"] = str(session.release_dir().relative_to(rd.root))
+        return session.finish(statement, record, write_release=lambda: save_release_model(
+            session.release_dir(), recipe, data, trainer.release_weights()))
 
     return RunResult(out, dist.on_main(finish))
 
@@ -225,7 +226,7 @@ def audit_run(out_dir: str | Path) -> dict[str, Any]:
                        "finished run, or finish it with --resume first")
     recipe = parse_recipe(yaml.safe_load(rd.config.read_text()))
     try:
-        model = load_model(rd.root)
+        model = load_model(rd.root / record.get("model_files", "release"))
     except ReleaseError as err:
         raise RunError(str(err)) from None
     data = load_data(recipe.data)

@@ -687,3 +687,24 @@ def test_predict_and_load_model_on_a_finished_run(dp_run, tmp_path, capsys):
     err = capsys.readouterr().err
     _assert_one_clean_line(err)
     assert "age" in err and not (tmp_path / "bad-scores.csv").exists()
+
+
+def test_progress_bar_of_a_dp_run_shows_no_training_loss(tmp_path, capsys):
+    """The training loss is an un-noised statistic of the private batches: a DP run's bar shows step, epoch,
+    epsilon and ETA only; a non-private run may show it."""
+    from dptrain.lifecycle import _Progress
+
+    recipe = tiny_sigma(DECLARED)
+    plan = PrivacyPlan.from_recipe(recipe, count_units(recipe, 0))
+    ledger = plan.new_ledger()
+    from dptrain.trainers.base import StepStats
+
+    for show_loss in (False, True):
+        bar = _Progress(plan, 0, True, show_loss)
+        for step in range(3):
+            ledger.compose(plan.step_event(step))
+            bar(step + 1, StepStats(loss_sum=123.0, rows=10), ledger)
+        bar.bar.refresh()
+        bar.close()
+        err = capsys.readouterr().err
+        assert ("loss=" in err) is show_loss and "eps=" in err

@@ -162,7 +162,7 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
     cache_below = lm.lora.top_layers if lm.lora.top_layers and lm.lora.cache_frozen_layers else None
     t0 = time.time()
     if session.start_step < plan.steps:
-        with _bar(len(x_tok), "caching frozen layers", progress and cache_below is not None) as bar:
+        with _bar(None, "caching frozen layers", progress and cache_below is not None) as bar:  # no exact count
             task = PrefixLMTask(lora, x_tok, cache_below=cache_below, progress=bar.update)
     else:
         task = PrefixLMTask(lora, x_tok)
@@ -196,8 +196,10 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
                                  batch_size=gen.batch_size, seed=gen.seed + 1000 * k, progress=bar.update):
                 records.append({"text": text, "label": c})
     gen_seconds = time.time() - t1
-    atomic_write_bytes(rd.release / SYNTHETIC, "".join(json.dumps(r) + "\n" for r in records).encode())
-    model_out.save_pretrained(rd.release / "adapters")  # the released model: LoRA adapters only
+    session.settle()  # a budget refusal stops the run before anything is released
+    out_side = session.release_dir()  # release/ for a DP run, private/NOT-PRIVATE/ otherwise
+    atomic_write_bytes(out_side / SYNTHETIC, "".join(json.dumps(r) + "\n" for r in records).encode())
+    model_out.save_pretrained(out_side / "adapters")  # the released model: LoRA adapters only
 
     # ---- evaluate (uses the real training and held-out records: private) ----
     releases = {} if hist_event is None else {"label_histogram": {
@@ -234,7 +236,7 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
     from dptrain.lifecycle import software_versions
 
     full = {**record, "privacy": statement, "versions": software_versions()}
-    atomic_write_bytes(rd.release / DATACARD, render_datacard(full, public=True).encode())
+    atomic_write_bytes(out_side / DATACARD, render_datacard(full, public=True).encode())
     atomic_write_bytes(rd.private / EVALUATION, render_datacard(full, public=False).encode())
     record = session.finish(statement, record)
     return RunResult(out, record)
@@ -243,7 +245,7 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
 class _bar:
     """A tqdm bar usable as a context manager whose ``update`` takes a count (disabled: no output)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
+    def __init__(self, total: int | None, desc: str, enabled: bool):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
@@ -286,9 +288,10 @@ def evaluate_synthetic(recipe: Recipe, data, train_texts: list[str], train_y: np
     }
     eps = statement["epsilon"]
     if cfg.dp_baseline and eps != "inf":  # a second DP run on the same records: private, never released
-        out["downstream"]["real_dp"] = dp_text_classifier(
-            train_texts, train_y, data.texts_test, data.y_test, epsilon=float(eps), delta=statement["delta"],
-            seed=recipe.seed)
+        # the main run's released count (never a new draw, never the exact n); a failure is recorded, not raised
+        out["downstream"]["real_dp"] = _safe(
+            dp_text_classifier, train_texts, train_y, data.texts_test, data.y_test, epsilon=float(eps),
+            delta=statement["delta"], seed=recipe.seed, released_units=int(statement["units"]["value"]))
     rng = np.random.default_rng([recipe.seed, 23])
     n_fid = min(cfg.fidelity_records, len(data.texts_test))
     real_fid = [data.texts_test[i] for i in np.sort(rng.choice(len(data.texts_test), n_fid, replace=False))]
@@ -361,7 +364,8 @@ def canary_exposure(model, tok, canaries, prompt: str, synthetic_texts: list[str
 
 
 def dp_text_classifier(train_texts, train_y, test_texts, test_y, *, epsilon: float, delta: float, seed: int,
-                       n_features: int = 2 ** 14, epochs: float = 30, batch_size: int = 64) -> dict[str, Any]:
+                       released_units: int, n_features: int = 2 ** 14, epochs: float = 30,
+                       batch_size: int = 64) -> dict[str, Any]:
     """The downstream classifier trained on the real records with DP-SGD at the same (epsilon, delta).
 
     Features are data-independent (hashed binary 1-2 grams, L2-normalised per record: no vocabulary or IDF
@@ -382,10 +386,12 @@ def dp_text_classifier(train_texts, train_y, test_texts, test_y, *, epsilon: flo
     rec = parse_recipe({"name": "dp-text-baseline", "data": {"source": "texts"}, "model": {"name": "logistic"},
                         "privacy": {"epsilon": epsilon, "delta": delta, "clipping_norm": 1.0},
                         "optimizer": {"name": "adam", "lr": 0.05},
-                        "training": {"epochs": epochs, "batch_size": min(batch_size, len(y))}, "seed": seed})
-    from dptrain.trainers.plan import count_units
+                        "training": {"epochs": epochs, "batch_size": min(batch_size, released_units)},
+                        "seed": seed})
+    from dptrain.trainers.plan import UnitCount
 
-    plan = PrivacyPlan.from_recipe(rec, count_units(rec, len(y)))
+    # q and the steps from the main run's released (DP) count: a private reference, no new release of n
+    plan = PrivacyPlan.from_recipe(rec, UnitCount(int(released_units), "declared"))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = build_torch_model(rec.model, n_features, 2)
