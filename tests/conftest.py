@@ -14,10 +14,30 @@ def _dptrain_home(tmp_path_factory, monkeypatch):
 
 
 def pytest_configure(config):
-    # session/module fixtures run before the autouse fixture: give them a home too (removed with the tmp dirs)
+    # collection-time code runs before any fixture: give it a home too
     import tempfile
 
     os.environ.setdefault("DPTRAIN_HOME", tempfile.mkdtemp(prefix="dptrain-home-"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Module/session fixtures run before the per-test autouse home: each gets a fresh home of its own while
+    it sets up, so their runs never share (and exhaust) a dataset budget with another fixture's runs."""
+    if fixturedef.scope == "function":
+        yield
+        return
+    import tempfile
+
+    old = os.environ.get("DPTRAIN_HOME")
+    os.environ["DPTRAIN_HOME"] = tempfile.mkdtemp(prefix=f"dptrain-home-{fixturedef.argname}-")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DPTRAIN_HOME", None)
+        else:
+            os.environ["DPTRAIN_HOME"] = old
 
 
 @pytest.fixture

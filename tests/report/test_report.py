@@ -205,7 +205,9 @@ def test_report_cli_rerenders_without_retraining(sweep_dir, tmp_path, capsys):
     (copy / "private" / "summary.csv").unlink()
     (copy / "release" / "selection.json").unlink()
     assert main(["report", str(copy), "--bootstrap", "300"]) == 0
-    assert f"report: {copy / 'private' / 'report.html'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"report (private: computed on real test records): {copy / 'private' / 'report.html'}" in printed
+    assert f"(publishable): {copy / 'release' / 'selection.json'}" in printed
     assert {p: p.stat().st_mtime_ns for p in copy.glob("runs/**/*") if p.is_file()} == before
     # deterministic: the same numbers as the report written after the sweep
     pd.testing.assert_frame_equal(pd.read_csv(copy / "private" / "summary.csv"),

@@ -38,10 +38,16 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "actg175-mlp.yaml"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 DP_SEED = 1234567890123
-NOISY = ["training.epochs=2", "model.hidden=[8]", "privacy.epsilon=", "privacy.noise_multiplier=1.5"]
-CLIP_ONLY = ["training.epochs=1", "model.hidden=[8]", "privacy.clip_only=true"]
-RUN_FILES = {"config.yaml", "run_id", "ledger.json", "metrics.jsonl", "checkpoint.pt", "predictions.parquet",
-             "record.json", "audit.json"}
+# a declared public size: the same q (and so the same batches for one dp_seed) in the two-process and the
+# single-process run (a DP count would draw fresh noise per run)
+NOISY = ["training.epochs=2", "model.hidden=[8]", "privacy.epsilon=", "privacy.noise_multiplier=1.5",
+         "privacy.dataset_size=1604"]
+CLIP_ONLY = ["training.epochs=1", "model.hidden=[8]", "privacy.clip_only=true", "privacy.dataset_size=1604"]
+# a finished run's files (checkpoint kept on request: the tests compare trained parameters and read dp_seed)
+RUN_FILES = {"release/config.yaml", "release/ledger.json", "release/privacy.json", "release/model.safetensors",
+             "release/model.json", "private/run_id", "private/state.json", "private/metrics.jsonl",
+             "private/checkpoint.pt", "private/CHECKPOINT-HOLDS-SECRET-DP-SEED.txt", "private/predictions.parquet",
+             "private/record.json", "private/audit.json"}
 N, D, K = 64, 100, 100  # units, features, classes (a 100x100 linear layer: 10100 noise coordinates)
 SIGMA, B, LR = 3.0, 16.0, 1.0
 
@@ -180,7 +186,7 @@ def _driver(work: Path) -> None:
     rank = int(os.environ["RANK"])
     # 1. the real entry point; train() owns (creates and destroys) the process group
     sys.argv = ["dptrain", "train", str(RECIPE), *[a for o in NOISY for a in ("--set", o)],
-                "--out", str(work / "noisy"), "--quiet"]
+                "--out", str(work / "noisy"), "--quiet", "--keep-checkpoint"]
     try:
         runpy.run_module("dptrain", run_name="__main__", alter_sys=True)
     except SystemExit as done:
@@ -193,7 +199,7 @@ def _driver(work: Path) -> None:
     store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     torch.distributed.init_process_group("gloo", store=torch.distributed.PrefixStore("dptrain-tests", store),
                                          rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
-    train(load_recipe(RECIPE, CLIP_ONLY), work / "clip_only", dp_seed=DP_SEED, progress=False)
+    train(load_recipe(RECIPE, CLIP_ONLY), work / "clip_only", dp_seed=DP_SEED, progress=False, keep_checkpoint=True)
     assert torch.distributed.is_initialized()
     dist = from_env("cpu")
     assert dist.active and not dist.owns_group
@@ -223,44 +229,47 @@ def runs(tmp_path_factory):
     proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", __file__, str(work)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    noisy_seed = int(load_checkpoint(work / "noisy" / "checkpoint.pt")["dp_seed"])
+    noisy_seed = int(load_checkpoint(work / "noisy" / "private" / "checkpoint.pt")["dp_seed"])
     single = {
-        "noisy": train(load_recipe(RECIPE, NOISY), work / "single_noisy", dp_seed=noisy_seed, progress=False),
+        "noisy": train(load_recipe(RECIPE, NOISY), work / "single_noisy", dp_seed=noisy_seed, progress=False,
+                       keep_checkpoint=True),
         "clip_only": train(load_recipe(RECIPE, CLIP_ONLY), work / "single_clip_only", dp_seed=DP_SEED,
-                           progress=False),
+                           progress=False, keep_checkpoint=True),
     }
     return work, single, json.loads((work / "unit.json").read_text()), proc.stdout
 
 
 def _params(run_dir: Path) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in load_checkpoint(run_dir / "checkpoint.pt")["trainer"]["model"].items()}
+    return {k: v.numpy() for k, v in load_checkpoint(run_dir / "private" / "checkpoint.pt")["trainer"]["model"].items()}
 
 
 def test_two_process_run_writes_one_run_directory(runs):
     work, single, _, stdout = runs
     for name in ("noisy", "clip_only"):
         out = work / name
-        assert {p.name for p in out.iterdir()} == RUN_FILES
-        record = json.loads((out / "record.json").read_text())
+        files = RUN_FILES if name == "noisy" else {  # not DP: its model is kept out of release/
+            f.replace("release/model", "private/NOT-PRIVATE/model") for f in RUN_FILES}
+        assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == files
+        record = json.loads((out / "private" / "record.json").read_text())
         assert record["training"]["world_size"] == 2 and record["status"] == "finished"
         assert single[name].record["training"]["world_size"] == 1
         # every epoch logged once (rank 1 appended nothing), with the global training loss
-        assert (out / "metrics.jsonl").read_text().count("\n") == len(
-            (single[name].out_dir / "metrics.jsonl").read_text().splitlines())
+        assert (out / "private" / "metrics.jsonl").read_text().count("\n") == len(
+            (single[name].out_dir / "private" / "metrics.jsonl").read_text().splitlines())
     assert stdout.count("run directory:") == 1  # only rank 0 prints
 
 
 def test_two_process_run_spends_the_same_epsilon(runs):
     work, single, _, _ = runs
     for name in ("noisy", "clip_only"):
-        record = json.loads((work / name / "record.json").read_text())
+        record = json.loads((work / name / "private" / "record.json").read_text())
         ref = single[name].record
         assert record["privacy"] == ref["privacy"]
-        ledger, ref_ledger = acc.PrivacyLedger.load(work / name / "ledger.json"), acc.PrivacyLedger.load(
-            single[name].out_dir / "ledger.json")
+        ledger, ref_ledger = acc.PrivacyLedger.load(work / name / "release" / "ledger.json"), acc.PrivacyLedger.load(
+            single[name].out_dir / "release" / "ledger.json")
         assert ledger.to_dict()["entries"] == ref_ledger.to_dict()["entries"]
         assert ledger.steps == ref_ledger.steps == ref["privacy"]["planned_steps"]
-    eps = json.loads((work / "noisy" / "record.json").read_text())["privacy"]["epsilon"]
+    eps = json.loads((work / "noisy" / "private" / "record.json").read_text())["privacy"]["epsilon"]
     assert isinstance(eps, float) and 0 < eps < 100
 
 
@@ -272,10 +281,10 @@ def test_two_process_run_trains_the_single_process_model(runs, name):
     assert two.keys() == one.keys()
     for k in one:
         np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-5, err_msg=k)
-    p2 = pd.read_parquet(work / name / "predictions.parquet")["score"].to_numpy()
-    p1 = pd.read_parquet(single[name].out_dir / "predictions.parquet")["score"].to_numpy()
+    p2 = pd.read_parquet(work / name / "private" / "predictions.parquet")["score"].to_numpy()
+    p1 = pd.read_parquet(single[name].out_dir / "private" / "predictions.parquet")["score"].to_numpy()
     np.testing.assert_allclose(p2, p1, rtol=0, atol=1e-5)
-    init = load_checkpoint(work / name / "checkpoint.pt")["trainer"]["model"]
+    init = load_checkpoint(work / name / "private" / "checkpoint.pt")["trainer"]["model"]
     assert any(np.abs(init[k].numpy()).sum() > 0 for k in init)
 
 

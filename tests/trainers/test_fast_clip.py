@@ -149,7 +149,7 @@ def _check(model, x, seed, layer_method="auto", units=None, weights="binary"):
 
 
 methods = st.sampled_from(["auto", "ghost", "direct"])
-weight_kinds = st.sampled_from(["binary", "augmult", "random"])
+weight_kinds = st.sampled_from(["random", "augmult", "binary"])  # hypothesis starts from the first
 
 
 @settings(max_examples=4, deadline=None)

@@ -69,7 +69,7 @@ def test_truncated_poisson_compiles_once_and_refuses_oversized_batches():
         tr.dp_step(Batch(x[rows], y[rows], rows))
     assert tr._step._cache_size() == 1  # one static shape for every batch size
     rows = np.arange(25)
-    with pytest.raises(TrainerError, match="exceed the plan's max_batch_size 24"):
+    with pytest.raises(TrainerError, match="more rows than the plan's max_batch_size 24"):
         tr.dp_step(Batch(x[rows], y[rows], rows))
 
 

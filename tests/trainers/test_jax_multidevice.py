@@ -46,7 +46,7 @@ from dptrain.run import build_model, build_trainer
 from dptrain.trainers.base import Batch
 from dptrain.trainers.jax_backend import JaxTrainer
 from dptrain.trainers.loop import run_loop
-from dptrain.trainers.plan import PrivacyPlan
+from dptrain.trainers.plan import PrivacyPlan, UnitCount
 from dptrain.trainers.sampler import UnitSampler
 
 out_path = sys.argv[1]
@@ -69,12 +69,13 @@ MODES = {"clip_only": ["privacy.clip_only=true"], "dp": ["privacy.epsilon=", "pr
 for name, overrides in MODES.items():
     recipe = load_recipe("recipes/actg175-mlp.yaml",
                          ["trainer.backend=jax", "training.epochs=1", "model.hidden=[8]", *overrides])
-    data = load_data(recipe.data, seed=recipe.seed)
-    plan = PrivacyPlan.from_recipe(recipe, data.num_units, data.privacy_unit)
+    data = load_data(recipe.data)
+    # the same declared public size in both subprocesses (a DP count would draw fresh noise in each)
+    plan = PrivacyPlan.from_recipe(recipe, UnitCount(data.num_units, "declared"), data.privacy_unit)
     tr = build_trainer(recipe)
     tr.init(build_model(recipe, data), plan, seed=recipe.seed, dp_seed=DP_SEED)
     arrays[f"{name}_init"] = tr.flat_params()
-    sampler = UnitSampler(data.units_train, plan.num_units, plan.scheme, dp_seed=DP_SEED)
+    sampler = UnitSampler(data.units_train, plan.size, plan.scheme, dp_seed=DP_SEED)
     ledger = run_loop(tr, sampler, plan, plan.new_ledger(), data.x_train, data.y_train, data.units_train)
     rows = sampler.sample(0)
     res[name] = {"ledger": ledger.to_dict(), "steps": ledger.steps,
