@@ -18,12 +18,15 @@ import math
 import sys
 from pathlib import Path
 
-import dp_accounting as dpa
-from dp_accounting.pld import pld_privacy_accountant
+# benchmarks/accounting.py is named like the package: drop this folder from the path when run as a script.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import accounting as acc
-from dptrain.config import load_recipe
-from dptrain.trainers.plan import PrivacyPlan, UnitCount
+import dp_accounting as dpa  # noqa: E402
+from dp_accounting.pld import pld_privacy_accountant  # noqa: E402
+
+import accounting as acc  # noqa: E402
+from dptrain.config import load_recipe  # noqa: E402
+from dptrain.trainers.plan import PrivacyPlan, UnitCount  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DISC = 1e-4
