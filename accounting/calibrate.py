@@ -237,9 +237,17 @@ def calibrate_steps(
     return lo
 
 
+def steps_for_epochs(scheme, epochs: float, dataset_size: int, batch_size: int) -> int:
+    """The number of steps that make ``epochs`` epochs (the one definition, used by plans and the CLI):
+    whole shuffled epochs of ``steps_per_epoch`` steps, or ``ceil(epochs * n / B)`` sampled steps; at least 1."""
+    if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
+        raise InvalidParameterError("epochs", epochs, "a finite number > 0")
+    if scheme.name == "shuffled":
+        return max(1, math.ceil(epochs * scheme.steps_per_epoch()))
+    return max(1, math.ceil(epochs * dataset_size / batch_size))
+
+
 def poisson_from_epochs(dataset_size: int, batch_size: int, epochs: float) -> tuple[PoissonSampling, int]:
     """Poisson sampling with q = batch_size / dataset_size and the steps that make ``epochs`` epochs."""
     scheme = PoissonSampling.from_batch_size(batch_size, dataset_size)
-    if not (isinstance(epochs, (int, float)) and epochs > 0):
-        raise InvalidParameterError("epochs", epochs, "a number > 0")
-    return scheme, max(1, math.ceil(epochs * dataset_size / batch_size))
+    return scheme, steps_for_epochs(scheme, epochs, dataset_size, batch_size)

@@ -8,7 +8,6 @@ The ledger states which accountant produced each number and never falls back sil
 from __future__ import annotations
 
 import json
-import math
 import platform
 from importlib import metadata as _md
 from pathlib import Path
@@ -20,6 +19,7 @@ from . import accountants as _acc
 from ._io import atomic_write_json
 from .errors import InvalidParameterError, LedgerFormatError, UnsupportedAccountantError
 from .events import RELATIONS, event_from_dict, event_to_dict
+from .statement import PrivacyStatement
 
 FORMAT = "dptrain.ledger/1"
 TRAIN_STEP = "train_step"
@@ -146,19 +146,13 @@ class PrivacyLedger:
                 out[a] = None
         return out
 
-    def statement(self, delta: float) -> dict[str, Any]:
-        """The ledger's part of the privacy statement (DESIGN invariant 5)."""
-        eps = self.epsilon(delta)
-        return {
-            "epsilon": eps if math.isfinite(eps) else "inf",
-            "delta": delta,
-            "accountant": self.accountant,
-            "accountant_version": f"dp-accounting {self.versions.get('dp-accounting')}",
-            "pld_discretization": self.pld_discretization if self.accountant == "pld" else None,
-            "neighbouring_relation": self.relation,
-            "privacy_unit": self.privacy_unit,
-            "steps": self.steps,
-        }
+    def statement(self, delta: float) -> PrivacyStatement:
+        """The ledger's part of the privacy statement (DESIGN invariant 5); a run adds its plan."""
+        return PrivacyStatement(
+            epsilon=self.epsilon(delta), delta=float(delta), accountant=self.accountant,
+            accountant_version=f"dp-accounting {self.versions.get('dp-accounting')}",
+            pld_discretization=self.pld_discretization if self.accountant == "pld" else None,
+            neighbouring_relation=self.relation, privacy_unit=self.privacy_unit, steps=self.steps)
 
     # ---- persistence ----
     def to_dict(self) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def main() -> None:
             if i:
                 times.append(time.perf_counter() - t)
         rows.append((name, statistics.median(times), cache_s / len(texts) if cache else None,
-                     sum(p.numel() for p in trainer.parameters())))
+                     trainer.num_trainable_parameters()))
         print(f"done: {name}", flush=True)
     ref = rows[0][1]
     print(f"\nSmolLM2-135M, batch {args.batch} x <= {args.max_length} tokens, {torch.get_num_threads()} threads\n")

@@ -95,11 +95,6 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
-def _statement_line(p: dict) -> str:
-    eps = p["epsilon"] if isinstance(p["epsilon"], str) else round(p["epsilon"], 4)
-    return (f"privacy: ({eps}, {p['delta']:g})-DP per {p['privacy_unit']}, add/remove [{p['accountant']}, "
-            f"{p['sampling']} q={p['sampling_rate']:.4g}, sigma={p['noise_multiplier']:.4g}, C={p['clipping_norm']}, "
-            f"{p['steps']} steps; units: {p['units']['source']}]")
 
 
 def _cmd_train(args) -> int:
@@ -111,21 +106,23 @@ def _cmd_train(args) -> int:
     result = train(recipe, out, resume=args.resume, progress=not args.quiet, keep_checkpoint=args.keep_checkpoint)
     if int(os.environ.get("RANK", "0")) > 0:  # data-parallel: rank 0 reports (and owns the run directory)
         return 0
-    rec = result.record
-    p, m = rec["privacy"], rec["metrics"]["test"]
+    rec = result.run_record
     print(f"run directory: {result.out_dir}  (publishable: release/; keep in-house: private/)")
-    for w in (p.get("warning"), rec["data"].get("warning")):
+    for w in (rec.privacy.warning, rec.data.get("warning")):
         if w:
             print(f"WARNING: {w}")
-    print(_statement_line(p))
-    print("test (private): " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    print(f"privacy: {rec.privacy.summary()}")
+    print("test (private): " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in rec["metrics"]["test"].items()))
     _print_kept(rec, result.out_dir)
     return _print_audit(rec["audit"], result.out_dir)
 
 
-def _print_kept(rec: dict, out) -> None:
-    if rec.get("checkpoint_kept"):
-        print(f"WARNING: {out}/private/checkpoint.pt was kept and holds the SECRET DP SEED: never copy it out; "
+def _print_kept(rec, out) -> None:
+    if rec.checkpoint_kept:
+        from dptrain.lifecycle import CHECKPOINT
+
+        print(f"WARNING: {out}/private/{CHECKPOINT} was kept and holds the SECRET DP SEED: never copy it out; "
               "delete it when you no longer need to resume", file=sys.stderr)
 
 
@@ -136,14 +133,15 @@ def _cmd_synth(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or f"runs/{recipe.name}"
     rec = synthesize(recipe, out, resume=args.resume, progress=not args.quiet,
-                     keep_checkpoint=args.keep_checkpoint).record
-    p, ev = rec["privacy"], rec["evaluation"]
+                     keep_checkpoint=args.keep_checkpoint).run_record
+    p, ev = rec.privacy, rec["evaluation"]
     fmt = lambda v: "n/a" if v is None else (v if isinstance(v, str) else f"{v:.4g}")  # noqa: E731
     print(f"run directory: {out}  (publishable: release/ synthetic.jsonl, DATACARD.md, adapters/; keep in-house: "
           "private/ evaluation.md, record.json)")
-    if "warning" in p:
-        print(f"WARNING: {p['warning']}")
-    print(_statement_line(p) + (" + DP label histogram" if rec["label_counts"]["mode"] == "dp_histogram" else ""))
+    if p.warning:
+        print(f"WARNING: {p.warning}")
+    print(f"privacy: {p.summary()}" + (" + DP label histogram" if rec["label_counts"]["mode"] == "dp_histogram"
+                                       else ""))
     print(f"generated {sum(rec['label_counts']['generated'].values())} records: {rec['label_counts']['generated']}")
     ds = ev["downstream"]
     print("evaluation (private) downstream accuracy / AUROC on real held-out: "
@@ -227,11 +225,9 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_datasets(args) -> int:
-    from dptrain.data import list_datasets
-    from dptrain.data.images import list_image_datasets
-    from dptrain.data.text import list_text_datasets
+    from dptrain.data.registry import list_builtins
 
-    rows = list_datasets() + list_image_datasets() + list_text_datasets()
+    rows = list_builtins()
     if args.json:
         print(json.dumps(rows))
         return 0

@@ -106,6 +106,29 @@ class ModelConfig(_Strict):
     fix_batchnorm: bool = Field(False, description="replace BatchNorm with GroupNorm (Opacus ModuleValidator.fix)")
 
 
+# Which fields each variant reads: a field of another variant set to a non-default value is refused (it would be
+# accepted and ignored). Defaults stay legal everywhere, so a dumped recipe (config.yaml, every field written)
+# parses again.
+MODEL_FIELDS = {"mlp": {"hidden", "activation"}, "logistic": set(),
+                "cnn": {"channels", "strides", "groups", "weight_standardization"},
+                "causal_lm": {"source", "lora", "max_length"}}
+TRAINER_FIELDS = {"opacus": {"grad_sample_mode", "device"}, "jax": {"clipping"}}
+
+
+def _foreign_fields(section, variant: str, fields_of: dict[str, set[str]], prefix: str, discriminator: str) -> list:
+    """Fields of ``section`` that belong to another variant and were set to a non-default value."""
+    owned = fields_of[variant]
+    foreign = set().union(*fields_of.values()) - owned
+    out = []
+    for name in sorted(foreign):
+        default = type(section).model_fields[name].get_default(call_default_factory=True)
+        if getattr(section, name) != default:
+            users = [v for v, f in fields_of.items() if name in f]
+            out.append(f"{prefix}.{name} is only read with {prefix}.{discriminator}: {' or '.join(users)} (this recipe "
+                       f"has {variant}); remove it")
+    return out
+
+
 class TrainerConfig(_Strict):
     backend: Literal["opacus", "jax"] = "opacus"
     grad_sample_mode: Literal["hooks", "ghost"] = Field("hooks", description="opacus: per-sample hooks or ghost clipping")
@@ -173,7 +196,6 @@ class OptimizerConfig(_Strict):
 class TrainingConfig(_Strict):
     epochs: float = Field(20, gt=0)
     batch_size: int = Field(256, ge=1, description="expected (logical) batch size")
-    eval_every_epochs: float = Field(1.0, gt=0)
     augment: Literal["none", "flip_shift"] = Field(
         "none", description="images: random horizontal flip + shift by up to 4 pixels (reflect padding)")
     augmult: int = Field(1, ge=1, le=64, description="augmentation multiplicity K: each unit's gradient is the "
@@ -247,6 +269,10 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _synth(self):
+        foreign = (_foreign_fields(self.model, self.model.name, MODEL_FIELDS, "model", "name")
+                   + _foreign_fields(self.trainer, self.trainer.backend, TRAINER_FIELDS, "trainer", "backend"))
+        if foreign:
+            raise ValueError("; ".join(foreign))
         lm = self.model.name == "causal_lm"
         if lm and self.synthesis is None:
             raise ValueError("model.name: causal_lm needs a synthesis section (see recipes/iu-xray-reports-synth.yaml)")

@@ -10,7 +10,8 @@ A run directory is split by the release boundary (DESIGN invariant 8)::
         synthetic.jsonl, DATACARD.md, adapters/   (synth) synthetic records, their card, the LoRA weights
     RUN/private/   never publish: computed from real records outside the mechanism, or secret
         record.json         the full run record: statement + metrics on real test records + audit + counts
-        checkpoint.pt       the resumable state incl. the secret DP seed; removed when the run finishes
+        checkpoint.dptckpt  the resumable state incl. the secret DP seed (no pickle: see
+                            dptrain.trainers.checkpoint); removed when the run finishes
                             unless kept on request (then loudly labelled)
         state.json          what a resume needs besides the checkpoint (the released unit count, ...)
         metrics.jsonl, predictions.parquet, audit.json, canaries.npz, evaluation.md, run_id
@@ -30,7 +31,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,13 @@ import numpy as np
 
 import accounting as acc
 from accounting._io import atomic_write_bytes, atomic_write_json
+from accounting.statement import IndependentCheck, PrivacyStatement, ReleasedUnits
 from dptrain.config import Recipe, dump_recipe
 from dptrain.trainers.plan import PrivacyPlan, UnitCount
 
 RELEASE, PRIVATE = "release", "private"
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.dptckpt"  # dptrain.trainers.checkpoint's format: arrays + JSON + SHA-256, no pickle
+LEGACY_CHECKPOINT = "checkpoint.pt"  # an older dptrain's torch.save checkpoint: never loaded, removed with the secrets
 KEPT_CHECKPOINT_NOTE = "CHECKPOINT-HOLDS-SECRET-DP-SEED.txt"
 
 
@@ -52,8 +55,16 @@ class RunError(ValueError):
 
 @dataclass
 class RunResult:
+    """``record``: private/record.json as written (JSON); ``run_record``: the same, typed."""
+
     out_dir: Path
     record: dict[str, Any]
+
+    @property
+    def run_record(self):
+        from dptrain.records import RunRecord
+
+        return RunRecord.from_dict(self.record, str(self.out_dir))
 
 
 def jsonable(obj):
@@ -128,10 +139,12 @@ class RunDir:
         return None
 
     def remove_secrets(self) -> None:
-        """Delete the checkpoint (the secret DP seed) and any temporary copy a killed atomic write left behind."""
-        self.checkpoint.unlink(missing_ok=True)
-        for tmp in self.private.glob(f".{CHECKPOINT}*"):
-            tmp.unlink(missing_ok=True)
+        """Delete the checkpoint (the secret DP seed), an older dptrain's ``checkpoint.pt`` and any temporary copy a
+        killed atomic write left behind."""
+        for name in (CHECKPOINT, LEGACY_CHECKPOINT):
+            (self.private / name).unlink(missing_ok=True)
+            for tmp in self.private.glob(f".{name}*"):
+                tmp.unlink(missing_ok=True)
 
     def make(self) -> None:
         self.release.mkdir(parents=True, exist_ok=True)
@@ -155,14 +168,15 @@ class RunDir:
                              if p.is_file()) for side in (RELEASE, PRIVATE) if (self.root / side).exists()}
 
 
-def independent_epsilon(st: dict[str, Any]) -> float | None:
-    """The statement's epsilon recomputed with dp_accounting directly from the statement's own numbers
-    (q, sigma, steps, scheme, the releases' noise), NOT from the ledger or ``accounting``: a cross-check of
-    the ledger. None when the statement cannot be recomputed this way (e.g. RDP-only events)."""
+def independent_epsilon(statement: PrivacyStatement | dict[str, Any]) -> float | None:
+    """The statement's epsilon recomputed with dp_accounting directly from the statement's own serialised
+    numbers (q, sigma, steps, scheme, the releases' noise), NOT from the ledger or ``accounting``: a
+    cross-check of the ledger. None when the statement cannot be recomputed this way (e.g. RDP-only events)."""
     import dp_accounting as dpa
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant
 
+    st = statement.to_dict() if isinstance(statement, PrivacyStatement) else statement
     if st["mode"] != "dp":
         return math.inf
     sigma, q, steps = float(st["noise_multiplier"]), float(st["sampling_rate"]), int(st["steps"])
@@ -187,53 +201,37 @@ def independent_epsilon(st: dict[str, Any]) -> float | None:
     return float(accountant.get_epsilon(float(st["delta"])))
 
 
-def privacy_statement(plan: PrivacyPlan, ledger: acc.PrivacyLedger, recipe: Recipe, count: UnitCount, *,
-                      releases: dict[str, dict[str, float]] | None = None, covers: str, public: str,
-                      warning: str | None = None) -> dict[str, Any]:
+def run_statement(plan: PrivacyPlan, ledger: acc.PrivacyLedger, recipe: Recipe, count: UnitCount, *,
+                  releases: dict[str, dict[str, float]] | None = None, covers: str, public: str,
+                  warning: str | None = None) -> PrivacyStatement:
     """The full public privacy statement of a run (DESIGN invariant 5). Holds no exact count of the data:
     the number of units appears only as released (declared, or a DP count)."""
-    st = ledger.statement(plan.delta)
     unit = plan.privacy_unit
     releases = dict(releases or {})
     if count.source == "dp_count":
         releases = {"unit_count": {"noise_std": float(count.noise_multiplier), "l2_sensitivity": 1.0}, **releases}
-    st.update({
-        "format": "dptrain.privacy-statement/1",
-        "relation_meaning": f"{plan.relation}: datasets differing by adding or removing all records of one {unit}",
-        "mode": plan.mode,
-        "sampling": plan.scheme.name,
-        "sampling_rate": plan.scheme.sampling_rate,
-        "expected_batch_size": plan.expected_batch_size,
-        "steps_per_epoch": plan.scheme.steps_per_epoch(),
-        "max_batch_size": getattr(plan.scheme, "max_batch_size", None),
-        "units": {"value": count.value, "added_by_dptrain": count.public_extra, "source": count.source,
-                  "meaning": count.describe()},
-        "noise_multiplier": plan.noise_multiplier,
-        "planned_steps": plan.steps,
-        "clipping_norm": plan.clipping_norm,
-        "clipping_granularity": None if plan.mode == "non_private" else (
-            "per example" if unit == "example" else f"per {unit} (all rows of a unit summed, then clipped)"),
-        "target_epsilon": plan.target_epsilon,
-        "releases": releases,
-        "hyperparameter_selection_accounted": False,
-        "dp_randomness": "OS CSPRNG" if recipe.privacy.secure_rng else "PRNG seeded from OS entropy (secret seed)",
-        "covers": covers,
-        "public": public,
-    })
-    if st["max_batch_size"] is None:
-        del st["max_batch_size"]
-    st["epsilon_independent_check"] = {
-        "epsilon": independent_epsilon(st) if ledger.steps == plan.steps else None,
-        "method": "dp_accounting's own accountant on events rebuilt from this statement's numbers (q, sigma, "
-                  "steps, releases), not from the ledger"}
     warnings = [warning] if warning else []
     if plan.mode == "non_private":
         warnings.insert(0, "NOT PRIVATE: non-private baseline (no clipping, no noise); epsilon is infinite")
     elif plan.mode == "clip_only":
         warnings.insert(0, "NOT PRIVATE: clip_only debugging mode (clipping without noise); epsilon is infinite")
-    if warnings:
-        st["warning"] = "; ".join(warnings)
-    return jsonable(st)
+    st = replace(
+        ledger.statement(plan.delta),
+        relation_meaning=f"{plan.relation}: datasets differing by adding or removing all records of one {unit}",
+        mode=plan.mode, sampling=plan.scheme.name, sampling_rate=plan.scheme.sampling_rate,
+        expected_batch_size=plan.expected_batch_size, steps_per_epoch=plan.scheme.steps_per_epoch(),
+        max_batch_size=getattr(plan.scheme, "max_batch_size", None),
+        units=ReleasedUnits(count.value, count.public_extra, count.source, count.describe()),
+        noise_multiplier=plan.noise_multiplier, planned_steps=plan.steps, clipping_norm=plan.clipping_norm,
+        clipping_granularity=None if plan.mode == "non_private" else (
+            "per example" if unit == "example" else f"per {unit} (all rows of a unit summed, then clipped)"),
+        target_epsilon=plan.target_epsilon, releases=releases, hyperparameter_selection_accounted=False,
+        dp_randomness="OS CSPRNG" if recipe.privacy.secure_rng else "PRNG seeded from OS entropy (secret seed)",
+        covers=covers, public=public, warning="; ".join(warnings) if warnings else None)
+    check = independent_epsilon(st) if ledger.steps == plan.steps else None
+    return replace(st, epsilon_independent_check=IndependentCheck(
+        check, "dp_accounting's own accountant on events rebuilt from this statement's numbers (q, sigma, steps, "
+               "releases), not from the ledger"))
 
 
 class Session:
@@ -243,9 +241,14 @@ class Session:
     File work happens on rank 0 only (``dist.on_main`` broadcasts its result or error to the other ranks)."""
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dist=None,
-                 keep_checkpoint: bool = False):
-        from dptrain.trainers.distributed import LOCAL
+                 keep_checkpoint: bool = False, command: str = "train", data_parallel: bool = True):
+        from dptrain.trainers.context import LOCAL
 
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1 and not data_parallel:
+            raise RunError(f"dptrain {command} runs in one process (WORLD_SIZE={world}: data-parallel {command} is not "
+                           "supported yet); run it without torchrun")
+        self.command = command
         self.recipe, self.rd, self.resume = recipe, RunDir(out_dir), resume
         self.dist = dist or LOCAL
         self.keep_checkpoint = keep_checkpoint
@@ -320,11 +323,15 @@ class Session:
         rd, plan = self.rd, self.plan
 
         def begin() -> tuple[dict | None, dict[str, Any], int | None]:
-            from dptrain.trainers.checkpoint import load_checkpoint
+            from dptrain.trainers.checkpoint import CheckpointError, load_checkpoint
 
             rd.make()
             if self.resume and rd.checkpoint.exists():
                 return load_checkpoint(rd.checkpoint), self.state, None
+            if self.resume and (rd.private / LEGACY_CHECKPOINT).exists():  # never unpickled; never silently restarted
+                raise CheckpointError(f"checkpoint {rd.private / LEGACY_CHECKPOINT}: written by an older dptrain in the "
+                                      "torch/pickle format, which is no longer loaded; refusing to load it: finish the "
+                                      "run with the dptrain version that started it, or start a new run")
             state = dict(self.state)
             if fresh_state is not None and not (self.resume and "fresh" in state):
                 state.update(fresh_state())
@@ -345,6 +352,12 @@ class Session:
             self.ledger = plan.new_ledger(run=rd.root.name, recipe=self.recipe.name)
             for label, event in plan.releases:
                 self.ledger.compose(event, label=label)
+
+    def restore(self, trainer) -> None:
+        """On resume: load the checkpoint's trainer state into ``trainer`` (initialised the same way) and drop it."""
+        if self.checkpoint is not None:
+            trainer.load_state_dict(self.checkpoint["trainer"])
+            self.checkpoint = None
 
     # ---- training ----
     def fit(self, trainer, sampler, x, y, units, *, progress: bool, checkpoint_every: int | None = None,
@@ -408,33 +421,45 @@ class Session:
         out.mkdir(parents=True, exist_ok=True)
         return out
 
-    def finish(self, statement: dict[str, Any], record: dict[str, Any],
+    def finish(self, statement: PrivacyStatement | dict[str, Any], record: dict[str, Any],
                write_release: Callable[[], None] | None = None) -> dict[str, Any]:
         """Rank 0, in this order: settle the budget (a refusal stops the run before anything is released), write
-        release/ (``write_release()``, ledger.json, privacy.json), write private/record.json (its presence marks
-        the run finished), then remove the checkpoint and any temporary copy (the secret seed) unless kept."""
+        release/ (``write_release()``, ledger.json, privacy.json), write private/record.json (a
+        :class:`~dptrain.records.RunRecord`; its presence marks the run finished), then remove the checkpoint and
+        any temporary copy (the secret seed) unless kept. ``record``: the command's sections, plus ``command``
+        (or a legacy ``format``), ``data``. Returns the record as written (JSON)."""
+        from dptrain.records import RunRecord
+
         rd = self.rd
+        if not isinstance(statement, PrivacyStatement):
+            statement = PrivacyStatement.from_dict(statement)
         self.settle()
         if write_release is not None:
             write_release()
         self.ledger.save(rd.ledger)
-        atomic_write_json(rd.statement, statement)
-        record = {**record, "privacy": statement, "run_id": self.run_id or rd.run_id(),
-                  "checkpoint_kept": self.keep_checkpoint, "versions": software_versions()}
+        statement.save(rd.statement)
+        sections = dict(record)
+        fmt = str(sections.pop("format", ""))
+        command = sections.pop("command", "synth" if "synth" in fmt else self.command)
+        for key in ("status", "recipe", "privacy", "run_id", "checkpoint_kept", "versions", "files", "training_log"):
+            sections.pop(key, None)
+        data = sections.pop("data", {})
+        if self.keep_checkpoint:
+            atomic_write_bytes(rd.private / KEPT_CHECKPOINT_NOTE, (
+                f"{CHECKPOINT} in this folder holds the secret DP seed: with it and the initial weights the noise "
+                "of every step can be regenerated and subtracted, which voids the privacy guarantee. Never copy it "
+                "out of the hospital; delete it when you no longer need to resume or extend this run.\n").encode())
         files = rd.files()
         files[PRIVATE] = sorted({*files.get(PRIVATE, []), "record.json"} - ({CHECKPOINT} if not self.keep_checkpoint
                                                                              else set()))
-        record["files"] = files
-        record = jsonable(record)
-        if self.keep_checkpoint:
-            atomic_write_bytes(rd.private / KEPT_CHECKPOINT_NOTE, (
-                b"checkpoint.pt in this folder holds the secret DP seed: with it and the initial weights the noise of "
-                b"every step can be regenerated and subtracted, which voids the privacy guarantee. Never copy it out "
-                b"of the hospital; delete it when you no longer need to resume or extend this run.\n"))
-        atomic_write_json(rd.record, record)
+        out = RunRecord(command=command, recipe=self.recipe.name, run_id=self.run_id or rd.run_id(),
+                        privacy=statement, data=data, training_log=list(self.metrics), sections=sections,
+                        checkpoint_kept=self.keep_checkpoint, versions=software_versions(), files=files)
+        written = out.to_dict()
+        atomic_write_json(rd.record, written)
         if not self.keep_checkpoint:
             rd.remove_secrets()
-        return record
+        return written
 
 
 class _Progress:
@@ -465,4 +490,4 @@ class _Progress:
 
 
 __all__ = ["CHECKPOINT", "PRIVATE", "RELEASE", "RunDir", "RunError", "RunResult", "Session", "independent_epsilon",
-           "jsonable", "privacy_statement", "software_versions"]
+           "jsonable", "run_statement", "software_versions"]

@@ -18,18 +18,18 @@ checkpoint on resume, the canaries, the released unit count), and its errors sto
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from accounting._io import atomic_write_bytes, atomic_write_json
+from accounting.statement import PrivacyStatement
 from dptrain.config import Recipe, RecipeError
 from dptrain.data import TabularData, load_data
 from dptrain.data.augment import make_augmenter
 from dptrain.evaluate.metrics import utility_metrics
-from dptrain.lifecycle import CHECKPOINT, RunDir, RunError, RunResult, Session, jsonable, privacy_statement
+from dptrain.lifecycle import CHECKPOINT, RunDir, RunError, RunResult, Session, jsonable, run_statement
 from dptrain.trainers.base import TrainerError
 from dptrain.trainers.checkpoint import CheckpointError
 from dptrain.trainers.sampler import UnitSampler
@@ -45,8 +45,13 @@ PUBLIC = ("the recipe (declared feature bounds and categories, model, optimiser,
 def build_trainer(recipe: Recipe, dist=None):
     t = recipe.trainer
     if t.backend == "opacus":
-        from dptrain.trainers.distributed import LOCAL
-        from dptrain.trainers.opacus_backend import OpacusTrainer
+        from dptrain.trainers.context import LOCAL
+
+        try:
+            from dptrain.trainers.opacus_backend import OpacusTrainer
+        except ImportError as err:
+            raise TrainerError(f"trainer.backend: opacus needs torch and opacus ({err}); pip install "
+                               "'dptrain[torch]', or use trainer.backend: jax") from None
 
         return OpacusTrainer(recipe.optimizer, grad_sample_mode=t.grad_sample_mode,
                              max_physical_batch_size=t.max_physical_batch_size, secure_rng=recipe.privacy.secure_rng,
@@ -89,7 +94,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this and gets the same result; rank 0's ``dp_seed``
     is used. Without WORLD_SIZE it is the single-process run."""
-    from dptrain.trainers.distributed import DistributedError, from_env
+    from dptrain.trainers.context import DistributedError, from_env
 
     if recipe.model.name == "causal_lm":
         raise RunError("model.name: causal_lm recipes fine-tune a language model for synthetic text; "
@@ -116,7 +121,6 @@ def _train(recipe: Recipe, out: Path, dist, *, resume: bool, dp_seed: int | None
     with a broadcast of its result or error; the rest is deterministic and the same on every rank."""
     from dptrain.data.identity import dataset_identity
     from dptrain.release import save_release_model
-    from dptrain.trainers.distributed import BroadcastSampler
 
     session = Session(recipe, out, resume=resume, dist=dist, keep_checkpoint=keep_checkpoint)
     if session.finished is not None:
@@ -162,14 +166,14 @@ def _train(recipe: Recipe, out: Path, dist, *, resume: bool, dp_seed: int | None
     x_train, y_train, units_train = _with_canaries(data, canaries)
     trainer.init(model, plan, seed=recipe.seed, dp_seed=session.dp_seed, fix_batchnorm=recipe.model.fix_batchnorm,
                  ema=recipe.training.ema)
-    if session.checkpoint is not None:
-        trainer.load_state_dict(session.checkpoint["trainer"])
-        session.checkpoint = None
+    session.restore(trainer)
 
     augment = make_augmenter(recipe.training.augment, recipe.training.augmult, recipe.seed)
     sampler = UnitSampler(units_train, data.num_units + n_canaries, plan.scheme, dp_seed=session.dp_seed,
                           secure=recipe.privacy.secure_rng)
     if dist.active and recipe.privacy.secure_rng:  # OS coins differ per rank: rank 0 samples for everybody
+        from dptrain.trainers.distributed import BroadcastSampler
+
         sampler = BroadcastSampler(sampler, dist)
     seconds = session.fit(trainer, sampler, x_train, y_train, units_train, progress=progress,
                           checkpoint_every=checkpoint_every, augment=augment, log_loss=canaries is None)
@@ -183,13 +187,11 @@ def _train(recipe: Recipe, out: Path, dist, *, resume: bool, dp_seed: int | None
             pv = trainer.predict(data.x_val)
             metrics["validation"] = utility_metrics(data.y_val, pv[:, 1] if pv.shape[1] == 2 else pv)
         _write_predictions(rd.private / "predictions.parquet", data, probs)
-        statement = privacy_statement(plan, session.ledger, recipe, session.count, covers=COVERS, public=PUBLIC)
+        statement = run_statement(plan, session.ledger, recipe, session.count, covers=COVERS, public=PUBLIC)
         audit = _audit(trainer.predict, data, canaries, statement, recipe)
         atomic_write_json(rd.private / "audit.json", jsonable(audit))
         record = {
-            "format": "dptrain.run-record/1",
-            "status": "finished",
-            "recipe": recipe.name,
+            "command": "train",
             "audit": _audit_summary(audit),
             "metrics": metrics,
             "data": {"source": data.source, "n_train": int(len(data.y_train)), "n_validation": int(len(data.y_val)),
@@ -202,7 +204,7 @@ def _train(recipe: Recipe, out: Path, dist, *, resume: bool, dp_seed: int | None
                          "clipping": recipe.trainer.grad_sample_mode if recipe.trainer.backend == "opacus"
                          else recipe.trainer.clipping,
                          "steps": session.ledger.steps, "seconds_this_session": round(seconds, 2), "resumed": resume,
-                         "world_size": dist.world_size, "devices": getattr(trainer, "num_devices", 1)},
+                         "world_size": dist.world_size, "devices": trainer.num_devices},
         }
         record["model_files"] = str(session.release_dir().relative_to(rd.root))
         return session.finish(statement, record, write_release=lambda: save_release_model(
@@ -235,7 +237,8 @@ def audit_run(out_dir: str | Path) -> dict[str, Any]:
         from dptrain.audit.canaries import FILE, load_canaries
 
         canaries = load_canaries(rd.private / FILE)
-    audit = jsonable(_audit(model.predict_proba, data, canaries, record["privacy"], recipe))
+    statement = PrivacyStatement.from_dict(record["privacy"])
+    audit = jsonable(_audit(model.predict_proba, data, canaries, statement, recipe))
     atomic_write_json(rd.private / "audit.json", audit)
     record["audit"] = _audit_summary(audit)
     atomic_write_json(rd.record, jsonable(record))
@@ -259,14 +262,13 @@ def _with_canaries(data: TabularData, canaries) -> tuple[np.ndarray, np.ndarray,
             np.concatenate([data.units_train, data.num_units + idx]))
 
 
-def _audit(predict, data: TabularData, canaries, statement: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+def _audit(predict, data: TabularData, canaries, statement: PrivacyStatement, recipe: Recipe) -> dict[str, Any]:
     """The audit (private: the loss attack counts individual training records)."""
     from dptrain.audit.audit import compute_audit
 
-    eps = statement["epsilon"]
     return compute_audit(predict, canaries=canaries, x_train=data.x_train, y_train=data.y_train,
                          x_test=data.x_test, y_test=data.y_test,
-                         claimed_epsilon=math.inf if eps == "inf" else float(eps), delta=statement["delta"],
+                         claimed_epsilon=statement.epsilon, delta=statement.delta,
                          confidence=recipe.privacy.audit.confidence)
 
 

@@ -98,12 +98,10 @@ def _train(recipe, steps: int):
         rows = rng.choice(n, 8, replace=False)
         trainer.dp_step(Batch(data.x_train[rows], data.y_train[rows], rows))
     if steps == 0:
-        import torch
-
-        state = trainer.state_dict()
-        ema, gen = state["ema"], torch.Generator().manual_seed(0)
+        state = trainer.state_dict()  # numpy arrays (both backends)
+        ema, gen = state["ema"], np.random.default_rng(0)
         for k in (ema if isinstance(ema, dict) else range(len(ema))):
-            ema[k] = ema[k] + 0.05 * torch.randn(ema[k].shape, generator=gen)
+            ema[k] = (ema[k] + 0.05 * gen.standard_normal(ema[k].shape)).astype(ema[k].dtype)
         trainer.load_state_dict(state)
     return data, trainer
 

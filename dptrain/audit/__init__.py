@@ -1,4 +1,5 @@
-"""Empirical privacy audit: one-run epsilon lower bounds and membership-inference metrics."""
+"""Empirical privacy audit: one-run epsilon lower bounds and membership-inference metrics (``bounds``, with the
+tabular/image canaries of ``canaries``), and canary-sentence exposure for language models (``exposure``)."""
 
 from dptrain.audit.bounds import (
     abstention_grid,

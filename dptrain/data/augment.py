@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dptrain.trainers.base import Batch
+from dptrain.values import Batch
 
 PAD = 4
 

@@ -19,7 +19,7 @@ import hashlib
 from pathlib import Path
 
 from dptrain.config import DataConfig
-from dptrain.data.tabular import DataError
+from dptrain.data.core import DataError
 
 _CHUNK = 1 << 20
 

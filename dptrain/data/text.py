@@ -34,22 +34,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from dptrain.data.tabular import (
-    FROM_RECIPE,
-    DataError,
-    _canon,
-    _error,
-    _few,
-    _reader_failure,
-    _split3,
-    declared_classes,
-)
+from dptrain.data.core import FROM_RECIPE, DataError, _canon, _error, _few, _reader_failure, _split3
+from dptrain.data.labels import declared_classes
+from dptrain.data.registry import IU_XRAY, IU_XRAY_CLASSES
 
 if TYPE_CHECKING:
     from dptrain.config import DataConfig
-
-IU_XRAY = "iu-xray-reports"
-IU_XRAY_CLASSES = ("normal", "abnormal")  # public: the built-in's labelling rule (negative, positive)
 
 
 @dataclass(frozen=True)
@@ -222,12 +212,3 @@ def load_text_from_config(cfg: DataConfig, *, seed: int | None = None) -> TextDa
 
 __all__ = ["IU_XRAY", "IU_XRAY_CLASSES", "DataError", "TextData", "load_text", "load_text_from_config",
            "read_iu_xray_reports"]
-
-
-def list_text_datasets() -> list[dict]:
-    """Built-in text data sets, shaped like :func:`dptrain.data.tabular.list_datasets` rows."""
-    return [{"name": IU_XRAY, "rows": 3955, "label": "label", "sensitive": [], "row_filter": None,
-             "description": "Indiana University chest X-ray reports (de-identified; from torchxrayvision): findings "
-                            "+ impression; label normal / abnormal from the MeSH tags (reports without text or indexing dropped). "
-                            "For dptrain synth.",
-             "citation": "Demner-Fushman et al. 2016, JAMIA 23(2):304-310", "licence": "Open-i (U.S. National Library of Medicine) terms of use"}]

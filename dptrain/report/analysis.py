@@ -43,8 +43,10 @@ import pandas as pd
 import yaml
 
 import accounting as acc
+from accounting.statement import PrivacyStatement
 from dptrain.evaluate import fairness as fm
 from dptrain.lifecycle import RunDir, jsonable
+from dptrain.records import RecordError, RunRecord
 from dptrain.report.sweep import eps_label
 
 UTILITY = ("auroc", "accuracy", "auprc", "ece")
@@ -78,6 +80,7 @@ class RunData:
     record: dict[str, Any]
     preds: pd.DataFrame
     sensitive: list[str]
+    statement: PrivacyStatement | None = None  # the record's privacy statement, typed
     # filled by analyse()
     utility: dict[str, float] = field(default_factory=dict)
     utility_boot: dict[str, np.ndarray] = field(default_factory=dict)
@@ -108,10 +111,6 @@ class RunData:
         return (self.backend, self.epsilon)
 
 
-def _eps(value) -> float:
-    return math.inf if value in ("inf", None) else float(value)
-
-
 def load_runs(sweep_dir: str | Path) -> tuple[dict[str, Any], list[RunData], list[dict[str, str]]]:
     """(sweep spec, finished runs, [{name, status, error}] for points without a record)."""
     root = Path(sweep_dir)
@@ -134,6 +133,10 @@ def load_runs(sweep_dir: str | Path) -> tuple[dict[str, Any], list[RunData], lis
             missing.append({"name": name, "status": "failed" if fail.exists() else "not run",
                             "error": fail.read_text().split("\n", 1)[0] if fail.exists() else ""})
             continue
+        try:
+            statement = RunRecord.from_dict(record, str(rd.record)).privacy
+        except RecordError as err:
+            raise ReportError(str(err)) from None
         cfg = yaml.safe_load(rd.config.read_text())
         preds = pd.read_parquet(rd.private / "predictions.parquet")
         if "score" not in preds:
@@ -141,8 +144,8 @@ def load_runs(sweep_dir: str | Path) -> tuple[dict[str, Any], list[RunData], lis
                               "classifiers only")
         sens = [c for c in preds.columns if c not in ("y_true", "score")]
         runs.append(RunData(name=name, dir=rd.root, backend=record["training"]["backend"],
-                            epsilon=_eps(record["privacy"].get("target_epsilon")), seed=int(cfg["seed"]),
-                            record=record, preds=preds, sensitive=sens))
+                            epsilon=statement.epsilon if statement.target_epsilon is None else statement.target_epsilon,
+                            seed=int(cfg["seed"]), record=record, preds=preds, sensitive=sens, statement=statement))
     if not runs:
         raise ReportError(f"{root}: no finished run (no runs/*/private/record.json); run or resume the sweep first")
     return spec, runs, missing
@@ -218,11 +221,11 @@ class Analysis:
     def summary_frame(self) -> pd.DataFrame:
         rows = []
         for r in sorted(self.runs, key=lambda r: (r.backend, r.epsilon, r.seed)):
-            p = r.record["privacy"]
+            p = r.statement
             row = {"run": r.name, "epsilon": eps_label(r.epsilon), "seed": r.seed, "backend": r.backend,
-                   "status": "finished", "epsilon_spent": p["epsilon"], "delta": p["delta"],
-                   "accountant": p["accountant"], "noise_multiplier": p["noise_multiplier"], "steps": p["steps"],
-                   "privacy_unit": p["privacy_unit"]}
+                   "status": "finished", "epsilon_spent": p.epsilon, "delta": p.delta,
+                   "accountant": p.accountant, "noise_multiplier": p.noise_multiplier, "steps": p.steps,
+                   "privacy_unit": p.privacy_unit}
             for m in UTILITY:
                 row[m] = r.utility[m]
                 lo, hi = fm.percentile_ci(r.utility_boot[m], self.level)
@@ -412,12 +415,12 @@ def _selection(runs: list[RunData], configs: list[dict[str, Any]]) -> tuple[dict
         cands = [c for c in configs if c["backend"] == b and math.isfinite(c["epsilon"])]
         best = max(cands, key=lambda c: c["validation_auroc"]["mean"])
         best_run = max((r for r in priv if r.config == (b, best["epsilon"])), key=lambda r: r.validation_auroc)
-        delta = max(float(r.record["privacy"]["delta"]) for r in priv)
+        delta = max(r.statement.delta for r in priv)
         ledgers = [acc.PrivacyLedger.load(r.rd.ledger) for r in priv]
         all_ledgers += ledgers
         all_deltas.append(delta)
         entry: dict[str, Any] = {"selected_epsilon": best["epsilon"], "selected_run": best_run.name,
-                                 "selected_run_epsilon": best_run.record["privacy"]["epsilon"],
+                                 "selected_run_epsilon": best_run.statement.epsilon,
                                  "private_runs": [r.name for r in priv], "n_private_runs": len(priv),
                                  "delta": delta}
         entry.update(_composition(ledgers, delta))

@@ -115,7 +115,7 @@ def _tables(an: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]]:
     for r in sorted(an.runs, key=lambda r: (r.backend, r.epsilon, r.seed)):
         a = r.record.get("audit") or {}
         full = _audit_file(r)
-        rows.append([r.name, r.backend, _f(r.record["privacy"]["epsilon"], 4), a.get("status", "not audited"),
+        rows.append([r.name, r.backend, _f(r.statement.epsilon, 4), a.get("status", "not audited"),
                      _f(a.get("epsilon_lower_bound")), _f(a.get("max_certifiable_epsilon")), _f(a.get("canary_auc")),
                      _f((full.get("canaries") or {}).get("tpr_at_1%_fpr")), _f(a.get("loss_attack_auc"))])
     out.append(("audit", "Empirical privacy audit (one-run canary bound, Steinke-Nasr-Jagielski 2023)", hdr, rows))
@@ -124,13 +124,11 @@ def _tables(an: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]]:
            "sampling", "q", "sigma", "steps", "C", "clipping", "selection accounted"]
     rows = []
     for r in sorted(an.runs, key=lambda r: (r.backend, r.epsilon, r.seed)):
-        p = r.record["privacy"]
-        rows.append([r.name, r.backend, eps_label(r.epsilon), str(r.seed), _f(p["epsilon"], 4), f"{p['delta']:g}",
-                     f"{p['accountant']} ({p.get('accountant_version', '?')})",
-                     p["privacy_unit"], p["neighbouring_relation"], p["sampling"],
-                     _f(p["sampling_rate"], 4), _f(p["noise_multiplier"], 4), str(p["steps"]),
-                     _f(p["clipping_norm"], 3), p.get("clipping_granularity") or "none",
-                     "no (see selection cost)"])
+        p = r.statement
+        rows.append([r.name, r.backend, eps_label(r.epsilon), str(r.seed), _f(p.epsilon, 4), f"{p.delta:g}",
+                     f"{p.accountant} ({p.accountant_version})", p.privacy_unit, p.neighbouring_relation,
+                     p.sampling, _f(p.sampling_rate, 4), _f(p.noise_multiplier, 4), str(p.steps),
+                     _f(p.clipping_norm, 3), p.clipping_granularity or "none", "no (see selection cost)"])
     out.append(("privacy", "Privacy statement of every run", hdr, rows))
     return out
 

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from accounting._io import atomic_write_bytes, atomic_write_json
-from dptrain.config import Recipe, RecipeError, dump_recipe, parse_recipe
+from dptrain.config import TRAINER_FIELDS, Recipe, RecipeError, dump_recipe, parse_recipe
 from dptrain.lifecycle import RunDir
 
 SWEEP_FORMAT = "dptrain.sweep/2"
@@ -156,6 +156,10 @@ def plan_points(recipe: Recipe, epsilons: Sequence[float], seeds: int,
                 tree = copy.deepcopy(base)
                 tree["privacy"]["epsilon"] = eps
                 tree["trainer"]["backend"] = b
+                for other, names in TRAINER_FIELDS.items():  # the other backend's options do not apply here
+                    if other != b:
+                        for name in names - TRAINER_FIELDS[b]:
+                            tree["trainer"].pop(name, None)
                 tree["seed"] = recipe.seed + i
                 try:
                     r = parse_recipe(tree)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from accounting.statement import PrivacyStatement
+
 
 def _f(v: Any, nd: int = 3) -> str:
     if v is None:
@@ -32,11 +34,11 @@ def _downstream_rows(ds: dict[str, Any]) -> list[str]:
     return rows
 
 
-def render_datacard(record: dict[str, Any], *, public: bool = True) -> str:
-    p, d, ev = record["privacy"], record["data"], record["evaluation"]
+def render_datacard(record: dict[str, Any], p: PrivacyStatement, *, public: bool = True) -> str:
+    """``record``: the synth record's sections (+ recipe, versions); ``p``: the run's statement."""
+    d, ev = record["data"], record["evaluation"]
     m, g, lc = record["model"], record["generation"], record["label_counts"]
-    eps = p["epsilon"]
-    warning = p.get("warning")
+    warning = p.warning
     lines = [f"# Datacard: DP synthetic text `{record['recipe']}`", ""]
     if warning:
         lines += [f"> **{warning}**", ""]
@@ -46,15 +48,15 @@ def render_datacard(record: dict[str, Any], *, public: bool = True) -> str:
         f"`text` and `label`) sampled from `{m['source']}` fine-tuned with LoRA adapters under differential "
         f"privacy on `{d['source']}`.", "",
         "## Privacy statement",
-        f"- **({_f(eps, 4) if eps != 'inf' else 'inf'}, {p['delta']:g})-DP** per {d['privacy_unit']} "
-        f"({p['neighbouring_relation'].replace('_', '-')} neighbouring relation), accountant {p['accountant']} "
-        f"({p['accountant_version']}).",
-        f"- Covers: {p['covers']}.",
-        f"- Mechanisms composed in one ledger (`ledger.json`): {p['steps']} DP-SGD steps ({p['sampling']} sampling, "
-        f"q={_f(p['sampling_rate'], 5)}, noise multiplier {_f(p['noise_multiplier'], 4)}, per-record clipping "
-        f"norm {p['clipping_norm']})"
+        f"- **({_f(p.epsilon, 4) if p.is_private else 'inf'}, {p.delta:g})-DP** per {d['privacy_unit']} "
+        f"({p.neighbouring_relation.replace('_', '-')} neighbouring relation), accountant {p.accountant} "
+        f"({p.accountant_version}).",
+        f"- Covers: {p.covers}.",
+        f"- Mechanisms composed in one ledger (`ledger.json`): {p.steps} DP-SGD steps ({p.sampling} sampling, "
+        f"q={_f(p.sampling_rate, 5)}, noise multiplier {_f(p.noise_multiplier, 4)}, per-record clipping "
+        f"norm {p.clipping_norm})"
         + ("" if lc["mode"] != "dp_histogram" else
-           f" and a Gaussian label histogram (noise std {_f(p['releases']['label_histogram']['noise_std'], 2)})")
+           f" and a Gaussian label histogram (noise std {_f(p.releases['label_histogram']['noise_std'], 2)})")
         + ".",
         "- Records per label: " + ("noisy DP histogram (post-processed: negative counts -> 0, largest remainder)"
                                    if lc["mode"] == "dp_histogram" else f"declared public prior {lc['prior']}")
@@ -62,7 +64,7 @@ def render_datacard(record: dict[str, Any], *, public: bool = True) -> str:
         "- Public (not protected, not private): the base model, the tokenizer, the prompt template and label "
         "names, the recipe (hyperparameters chosen without looking at this data's results is the user's duty: "
         "hyperparameter search on the private data costs extra privacy, see `dptrain sweep`).",
-        f"- Records: {p['units']['meaning']}. Public: {p['public']}.",
+        f"- Records: {p.units.meaning}. Public: {p.public}.",
         "- Sharp edge: the unit is one record; a person with several records is protected less (group "
         "privacy).", "- The released model is `adapters/` (LoRA weights only). `private/` (the evaluation, the "
         "secret canaries, any kept checkpoint with the secret noise seed) is never published.", "",

@@ -12,21 +12,22 @@ Order (each release is accounted in one ledger under add/remove one record, DESI
    not learned); per-record clipping, Poisson sampling, noise once per step. The training noise is
    calibrated so that count + histogram + training meet the target epsilon.
 5. Generation (top-k / top-p, seeded) from the public prompt template: post-processing, no extra cost.
-6. Evaluation against real records (downstream TF-IDF + LR, fidelity, memorisation, canary exposure): NOT
-   covered by the guarantee, written to ``private/`` only.
+6. Evaluation against real records (downstream TF-IDF + LR, fidelity, memorisation, canary exposure;
+   :mod:`dptrain.synth.evaluate`): NOT covered by the guarantee, written to ``private/`` only. The DP-SGD
+   classifier on the real records is a run of its own in ``private/dp_baseline/`` (:mod:`dptrain.synth.baseline`:
+   its own ledger, charged to the dataset budget like any run), reusing this run's released record count.
 
 The run lifecycle (directory, resume, budget, release boundary) is :mod:`dptrain.lifecycle`'s.
 ``release/``: synthetic.jsonl, DATACARD.md (statement, generation settings, statistics of the synthetic
 text only), adapters/ (LoRA weights), privacy.json, ledger.json, config.yaml. ``private/``: record.json and
 evaluation.md (the evaluation against real records), state.json (noisy counts, the secret canaries),
-metrics.jsonl, the checkpoint while the run is unfinished.
+metrics.jsonl, the checkpoint while the run is unfinished, dp_baseline/ (the baseline's run directory).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import secrets
 import time
@@ -37,9 +38,9 @@ import numpy as np
 
 from accounting._io import atomic_write_bytes
 from dptrain.config import Recipe
-from dptrain.lifecycle import RunError, RunResult, Session, privacy_statement
+from dptrain.lifecycle import RunError, RunResult, Session, run_statement
+from dptrain.synth.evaluate import evaluate_synthetic, safe
 from dptrain.trainers.base import TrainerError
-from dptrain.trainers.plan import PrivacyPlan
 from dptrain.trainers.sampler import UnitSampler
 
 SYNTHETIC = "synthetic.jsonl"
@@ -74,13 +75,13 @@ def _subset(texts: list[str], fraction: float | None, seed: int) -> np.ndarray:
 
 def _canaries(recipe: Recipe, classes: list[str], rng: np.random.Generator | None = None) -> list[dict[str, Any]]:
     """Secret canary records: ``count`` distinct sentences per repetition count, from OS entropy."""
-    from dptrain.synth.evaluate import make_canaries
+    from dptrain.audit.exposure import make_canary_sentences
 
     ev = recipe.synthesis.evaluation
     if not ev.canaries:
         return []
     rng = rng or np.random.default_rng(secrets.randbits(128))
-    texts = make_canaries(rng, ev.canaries * len(ev.canary_repetitions))
+    texts = make_canary_sentences(rng, ev.canaries * len(ev.canary_repetitions))
     label = len(classes) - 1  # one public label for all canaries: one shared reference set
     return [{"text": t, "label": label, "repetitions": r}
             for t, r in zip(texts, [r for r in ev.canary_repetitions for _ in range(ev.canaries)], strict=True)]
@@ -138,7 +139,8 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
         if need > lm.max_length:
             raise RunError(f"model.max_length: {lm.max_length} tokens cannot hold a canary with its prompt ({need}); "
                            "raise model.max_length or shorten synthesis.prompt")
-    session.reserve_budget(dataset_identity(recipe.data))
+    dataset_id = dataset_identity(recipe.data)
+    session.reserve_budget(dataset_id)
 
     # ---- start or resume: the noisy counts and secret canaries are drawn once and kept in private/state.json
     def fresh_state() -> dict[str, Any]:
@@ -171,9 +173,7 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
     with torch.random.fork_rng():
         torch.manual_seed(recipe.seed)
         trainer.init(lora, plan, seed=recipe.seed, dp_seed=session.dp_seed)
-    if session.checkpoint is not None:
-        trainer.load_state_dict(session.checkpoint["trainer"])
-        session.checkpoint = None
+    session.restore(trainer)
     rows = np.arange(len(x_tok))[:, None]
     sampler = UnitSampler(np.arange(num_units), num_units, plan.scheme, dp_seed=session.dp_seed,
                           secure=recipe.privacy.secure_rng)
@@ -184,7 +184,7 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
     weights = noisy if noisy is not None else np.asarray(syn.prior, float)
     targets = records_per_label(weights, syn.records)
     gen = syn.generation
-    model_out = trainer.module
+    model_out = trainer.trained_model()
     records: list[dict[str, str]] = []
     t1 = time.time()
     with _bar(syn.records, "generating", progress) as bar:
@@ -204,40 +204,46 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
     # ---- evaluate (uses the real training and held-out records: private) ----
     releases = {} if hist_event is None else {"label_histogram": {
         "noise_std": syn.histogram_noise_multiplier, "l2_sensitivity": 1.0}}
-    statement = privacy_statement(plan, session.ledger, recipe, session.count, releases=releases, covers=COVERS,
-                                  public=PUBLIC)
+    statement = run_statement(plan, session.ledger, recipe, session.count, releases=releases, covers=COVERS,
+                              public=PUBLIC)
     t2 = time.time()
+    real_dp = None
+    if ev_cfg.dp_baseline and statement.is_private:  # a second DP run on the same records: private
+        from dptrain.synth.baseline import BASELINE_DIR, dp_text_classifier
+
+        # this run's released count (never a new draw, never the exact n); a failure is recorded, not raised
+        real_dp = safe(dp_text_classifier, rd.private / BASELINE_DIR, texts, labels, data.texts_test, data.y_test,
+                       epsilon=statement.epsilon, delta=statement.delta, seed=recipe.seed,
+                       released_units=statement.units.value, dataset_id=dataset_id,
+                       dataset_budget=recipe.privacy.dataset_budget, resume=resume, progress=progress)
     evaluation = evaluate_synthetic(recipe, data, texts, labels, records, canaries, model_out, tok, prompts,
-                                    statement, progress=progress)
-    from dptrain.synth import evaluate as ev
+                                    real_dp=real_dp)
     from dptrain.synth.datacard import render_datacard
+    from dptrain.synth.textmetrics import text_stats
 
     record = {
-        "format": "dptrain.synth-record/1",
-        "status": "finished",
-        "recipe": recipe.name,
+        "command": "synth",
         "label_counts": {"mode": syn.label_counts,
                          "noisy_counts": None if noisy is None else dict(zip(data.classes, noisy.tolist(), strict=True)),
                          "prior": syn.prior, "generated": dict(zip(data.classes, targets.tolist(), strict=True))},
         "model": {"source": lm.source, "lora": lm.lora.model_dump(), "max_length": lm.max_length,
-                  "trainable_parameters": int(sum(p.numel() for p in trainer.parameters()))},
+                  "trainable_parameters": trainer.num_trainable_parameters()},
         "generation": gen.model_dump(),
-        "synthetic_stats": _safe(ev.text_stats, [r["text"] for r in records]),
+        "synthetic_stats": safe(text_stats, [r["text"] for r in records]),
         "data": {"source": data.source, "classes": data.classes, "n_train_available": len(data.texts_train),
                  "n_train_used": len(texts), "n_test": len(data.texts_test), "canary_rows": n_canary_rows,
                  "num_units": num_units, "privacy_unit": "example", "train_fraction": syn.train_fraction,
                  "preprocessing": data.preprocessing,
                  "note": "exact counts: private (the statement releases only 'units')"},
         "evaluation": evaluation,
-        "metrics": session.metrics,
         "timing_seconds": {"training_this_session": round(train_seconds, 1), "generation": round(gen_seconds, 1),
                            "evaluation": round(time.time() - t2, 1)},
     }
     from dptrain.lifecycle import software_versions
 
-    full = {**record, "privacy": statement, "versions": software_versions()}
-    atomic_write_bytes(out_side / DATACARD, render_datacard(full, public=True).encode())
-    atomic_write_bytes(rd.private / EVALUATION, render_datacard(full, public=False).encode())
+    full = {**record, "recipe": recipe.name, "versions": software_versions()}
+    atomic_write_bytes(out_side / DATACARD, render_datacard(full, statement, public=True).encode())
+    atomic_write_bytes(rd.private / EVALUATION, render_datacard(full, statement, public=False).encode())
     record = session.finish(statement, record)
     return RunResult(out, record)
 
@@ -257,156 +263,4 @@ class _bar:
         self.bar.close()
 
 
-def _safe(fn, *args, **kwargs) -> dict[str, Any]:
-    """A metric, or ``{"skipped": why}`` when the synthetic text cannot support it (e.g. no words at all)."""
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as err:
-        return {"skipped": str(err)}
-
-
-def evaluate_synthetic(recipe: Recipe, data, train_texts: list[str], train_y: np.ndarray, records, canaries,
-                       model, tok, prompts: dict[str, str], statement: dict[str, Any], *, progress: bool = True):
-    """Downstream utility, fidelity, memorisation and canary exposure of the synthetic records.
-
-    Uses the real training and held-out records: the result is for the data owner, not covered by the DP
-    guarantee. A metric the synthetic text cannot support is recorded as skipped, never a crash."""
-    from dptrain.synth import evaluate as ev
-
-    cfg = recipe.synthesis.evaluation
-    classes = data.classes
-    syn_texts = [r["text"] for r in records]
-    syn_y = np.array([classes.index(r["label"]) for r in records], np.int64)
-    out: dict[str, Any] = {"covered_by_dp": False}
-    out["downstream"] = {
-        "synthetic": _safe(ev.downstream, syn_texts, syn_y, data.texts_test, data.y_test, seed=recipe.seed),
-        "real_non_private": ev.downstream(train_texts, train_y, data.texts_test, data.y_test, seed=recipe.seed),
-        "classifier": "TF-IDF (1-2 grams, fitted on the classifier's training texts) + logistic regression; "
-                      "tested on the real held-out split. real_dp: the same task by DP-SGD logistic regression on "
-                      "hashed features of the real training records at the same epsilon -- a separate DP run "
-                      "whose cost is not in this run's ledger: a private reference, never released",
-    }
-    eps = statement["epsilon"]
-    if cfg.dp_baseline and eps != "inf":  # a second DP run on the same records: private, never released
-        # the main run's released count (never a new draw, never the exact n); a failure is recorded, not raised
-        out["downstream"]["real_dp"] = _safe(
-            dp_text_classifier, train_texts, train_y, data.texts_test, data.y_test, epsilon=float(eps),
-            delta=statement["delta"], seed=recipe.seed, released_units=int(statement["units"]["value"]))
-    rng = np.random.default_rng([recipe.seed, 23])
-    n_fid = min(cfg.fidelity_records, len(data.texts_test))
-    real_fid = [data.texts_test[i] for i in np.sort(rng.choice(len(data.texts_test), n_fid, replace=False))]
-    try:
-        encoder = ev.load_sentence_encoder()
-        pr = _safe(ev.knn_precision_recall, encoder(real_fid), encoder(syn_texts), k=5)
-    except (ValueError, ImportError) as err:
-        pr = {"skipped": str(err)}
-    out["fidelity"] = {"knn_precision_recall_minilm": pr, "synthetic": _safe(ev.text_stats, syn_texts),
-                       "real_heldout": ev.text_stats(real_fid),
-                       "distances": _safe(ev.distribution_distances, syn_texts, real_fid)}
-    n_mem = min(len(train_texts), len(data.texts_test))
-    tr = [train_texts[i] for i in np.sort(rng.choice(len(train_texts), n_mem, replace=False))]
-    ho = [data.texts_test[i] for i in np.sort(rng.choice(len(data.texts_test), n_mem, replace=False))]
-    out["memorisation"] = {"ngram_overlap": _safe(ev.ngram_overlap, syn_texts, tr, ho, n=cfg.ngram)}
-    n_nll = min(64, cfg.fidelity_records)
-    out["heldout_nll_per_token"] = _heldout_nll(model, tok, prompts, classes, data, recipe.seed, recipe.model.max_length,
-                                                n_nll)
-    if hasattr(model, "disable_adapter"):  # the same records under the base model: did fine-tuning help?
-        with model.disable_adapter():
-            out["heldout_nll_per_token_base"] = _heldout_nll(model, tok, prompts, classes, data, recipe.seed,
-                                                             recipe.model.max_length, n_nll)
-    if canaries:
-        out["canaries"] = canary_exposure(model, tok, canaries, prompts[classes[canaries[0]["label"]]], syn_texts,
-                                          references=cfg.canary_references, max_length=recipe.model.max_length)
-    return out
-
-
-def _heldout_nll(model, tok, prompts, classes, data, seed: int, max_length: int, n: int = 64) -> float | None:
-    """Mean NLL per text token of ``n`` real held-out records (those that fit max_length) under ``model`` (nats)."""
-    from dptrain.synth.evaluate import sequence_nll
-
-    def fits(i: int) -> bool:
-        p, t = prompts[classes[data.y_test[i]]], data.texts_test[i]
-        return len(tok(p, add_special_tokens=False)["input_ids"]) + len(tok(t, add_special_tokens=False)["input_ids"]) < max_length
-
-    idx = [int(i) for i in np.random.default_rng([seed, 29]).permutation(len(data.texts_test)) if fits(int(i))][:n]
-    ps = [prompts[classes[data.y_test[i]]] for i in idx]
-    ts = [data.texts_test[i] for i in idx]
-    if not idx:
-        return None  # no held-out record fits max_length
-    n_tok = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in ts)  # text + eos
-    nll = sequence_nll(model, tok, ps, ts, max_length=max_length, batch_size=16)
-    return float(nll.sum() / max(n_tok, 1))
-
-
-def canary_exposure(model, tok, canaries, prompt: str, synthetic_texts: list[str], *, references: int,
-                    max_length: int) -> dict[str, Any]:
-    """Exposure (bits) of each inserted canary among ``references`` random same-format candidates, and
-    whether any synthetic record contains a canary's secret."""
-    from dptrain.synth.evaluate import canary_candidates, exposure, sequence_nll
-
-    secrets_ = [c["text"] for c in canaries]
-    refs = canary_candidates(np.random.default_rng(secrets.randbits(64)), references, exclude=secrets_)
-    ref_nll = sequence_nll(model, tok, [prompt] * len(refs), refs, batch_size=64, max_length=max_length)
-    can_nll = sequence_nll(model, tok, [prompt] * len(secrets_), secrets_, batch_size=64, max_length=max_length)
-    rows = []
-    for c, nll in zip(canaries, can_nll, strict=True):
-        code = "".join(ch for ch in c["text"] if ch.isdigit())
-        rows.append({"repetitions": c["repetitions"], "exposure_bits": exposure(float(nll), ref_nll),
-                     "in_synthetic": any(code in t for t in synthetic_texts)})
-    by_rep = {}
-    for r in sorted({c["repetitions"] for c in canaries}):
-        vals = [row["exposure_bits"] for row in rows if row["repetitions"] == r]
-        by_rep[str(r)] = {"mean_exposure_bits": float(np.mean(vals)), "n": len(vals)}
-    return {"references": len(refs), "max_measurable_bits": math.log2(len(refs) + 1), "by_repetitions": by_rep,
-            "canaries": rows, "secret_in_synthetic": any(r["in_synthetic"] for r in rows),
-            "note": "exposure = log2(candidates) - log2(rank), estimated from random same-format candidates "
-                    "(Carlini et al. 2019); ~1 bit is chance, the maximum is log2(references + 1)"}
-
-
-def dp_text_classifier(train_texts, train_y, test_texts, test_y, *, epsilon: float, delta: float, seed: int,
-                       released_units: int, n_features: int = 2 ** 14, epochs: float = 30,
-                       batch_size: int = 64) -> dict[str, Any]:
-    """The downstream classifier trained on the real records with DP-SGD at the same (epsilon, delta).
-
-    Features are data-independent (hashed binary 1-2 grams, L2-normalised per record: no vocabulary or IDF
-    from the data, which would leak); logistic regression through THE loop and the Opacus backend."""
-    import torch
-    from sklearn.feature_extraction.text import HashingVectorizer
-
-    from dptrain.config import parse_recipe
-    from dptrain.evaluate.metrics import utility_metrics
-    from dptrain.models.torch_models import build_torch_model
-    from dptrain.trainers.loop import run_loop
-    from dptrain.trainers.opacus_backend import OpacusTrainer
-
-    vec = HashingVectorizer(ngram_range=(1, 2), n_features=n_features, alternate_sign=False, binary=True, norm="l2")
-    x = vec.transform(train_texts).toarray().astype(np.float32)
-    xt = vec.transform(test_texts).toarray().astype(np.float32)
-    y = np.asarray(train_y, np.int64)
-    rec = parse_recipe({"name": "dp-text-baseline", "data": {"source": "texts"}, "model": {"name": "logistic"},
-                        "privacy": {"epsilon": epsilon, "delta": delta, "clipping_norm": 1.0},
-                        "optimizer": {"name": "adam", "lr": 0.05},
-                        "training": {"epochs": epochs, "batch_size": min(batch_size, released_units)},
-                        "seed": seed})
-    from dptrain.trainers.plan import UnitCount
-
-    # q and the steps from the main run's released (DP) count: a private reference, no new release of n
-    plan = PrivacyPlan.from_recipe(rec, UnitCount(int(released_units), "declared"))
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = build_torch_model(rec.model, n_features, 2)
-    trainer = OpacusTrainer(rec.optimizer)
-    dp_seed = secrets.randbits(63)
-    trainer.init(model, plan, seed=seed, dp_seed=dp_seed)
-    ledger = plan.new_ledger(run="dp-text-baseline")
-    for label, event in plan.releases:
-        ledger.compose(event, label=label)
-    units = np.arange(len(y))
-    run_loop(trainer, UnitSampler(units, len(y), plan.scheme, dp_seed=dp_seed), plan, ledger, x, y, units)
-    m = utility_metrics(np.asarray(test_y), trainer.predict(xt)[:, 1])
-    return {"accuracy": m["accuracy"], "auroc": m["auroc"], "epsilon": ledger.epsilon(delta), "delta": delta,
-            "noise_multiplier": plan.noise_multiplier, "steps": plan.steps,
-            "features": f"hashed binary 1-2 grams ({n_features}), L2-normalised", "optimizer": "adam 0.05, C=1"}
-
-
-__all__ = ["DATACARD", "SYNTHETIC", "canary_exposure", "dp_text_classifier", "evaluate_synthetic", "synthesize"]
+__all__ = ["DATACARD", "SYNTHETIC", "synthesize"]

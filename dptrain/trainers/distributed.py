@@ -25,55 +25,33 @@ Sharp edges:
 - only rank 0 touches files, so ranks need no shared filesystem.
 - the world size is not part of the mechanism: a run may resume with another number of processes.
 - shares are not balanced (unit ids modulo world_size): per step, ranks get different numbers of rows.
+
+This module imports torch; single-process code uses :mod:`dptrain.trainers.context` (``LOCAL``, ``from_env``),
+which imports this module only when the environment describes several processes. ``LOCAL`` and
+``DistributedError`` are re-exported here.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from dptrain.trainers.context import LOCAL, DistributedError, ProcessContext
+from dptrain.trainers.devices import resolve_device
+
 T = TypeVar("T")
 
 
-class DistributedError(RuntimeError):
-    """Another rank failed; this rank stops with it (the failing rank reports the cause)."""
-
-
 @dataclass(frozen=True)
-class Distributed:
-    """This process's place in a data-parallel run. ``LOCAL`` (world size 1) is the single-process run.
+class Distributed(ProcessContext):
+    """A process of a torch.distributed run (see the module docstring); with world size 1 its collectives are
+    no-ops, as ``LOCAL``'s. Rank, share and ``on_main`` are :class:`~dptrain.trainers.context.ProcessContext`'s."""
 
-    ``owns_group``: this object initialised the default process group and destroys it in ``close``."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-    owns_group: bool = False
-
-    def __post_init__(self):
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"distributed: expected 0 <= rank < world_size, got rank {self.rank}, "
-                             f"world_size {self.world_size}")
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def share(self, units: np.ndarray) -> np.ndarray:
-        """Boolean mask of the rows this rank processes: those whose unit % world_size == rank."""
-        return np.asarray(units) % self.world_size == self.rank
-
-    # ---- collectives (no-ops in a single process) ----
     def _device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
@@ -110,27 +88,6 @@ class Distributed:
         if self.active:
             torch.distributed.barrier()
 
-    def on_main(self, fn: Callable[[], T], *, share: bool = True) -> T | None:
-        """Run ``fn`` on rank 0 only (file I/O) and give every rank its result, or make every rank fail.
-
-        The error is re-raised as itself on rank 0 and as ``DistributedError`` elsewhere, so no rank is
-        left waiting in a collective the others never enter. ``share=False``: the result stays on rank 0
-        (others get None); only success or failure is broadcast."""
-        if not self.active:
-            return fn()
-        result, failure, error = None, None, None
-        if self.is_main:
-            try:
-                result = fn()
-            except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
-                error, failure = err, f"{type(err).__name__}: {err}"
-        failure, shared = self.broadcast_object((failure, result if share else None))
-        if error is not None:
-            raise error
-        if failure is not None:
-            raise DistributedError(f"rank {self.rank}: stopping because rank 0 failed ({failure})")
-        return result if self.is_main else shared
-
     def close(self, *, ok: bool) -> None:
         """End of the run: wait for every rank (only when all got here normally: a failed rank may be
         elsewhere), then destroy the process group if this object created it."""
@@ -142,10 +99,7 @@ class Distributed:
             torch.distributed.destroy_process_group()
 
 
-LOCAL = Distributed()
-
-
-def from_env(device: str = "auto", *, env: dict[str, str] | None = None) -> Distributed:
+def from_env(device: str = "auto", *, env: dict[str, str] | None = None) -> ProcessContext:
     """This process's context: the process group the caller initialised (used as is, left up), else the one
     torchrun describes (WORLD_SIZE > 1, RANK, LOCAL_RANK, MASTER_ADDR/PORT; initialised here: gloo for a CPU
     trainer, NCCL with GPU ``LOCAL_RANK`` for a CUDA one, destroyed by ``close``), else ``LOCAL``.
@@ -163,8 +117,6 @@ def from_env(device: str = "auto", *, env: dict[str, str] | None = None) -> Dist
     if initialised and "WORLD_SIZE" in env and (int(env["WORLD_SIZE"]), int(env.get("RANK", rank))) != (world, rank):
         raise ValueError(f"distributed: the process group has world size {world} and rank {rank}, the "
                          f"environment says {env['WORLD_SIZE']} and {env.get('RANK')}")
-    from dptrain.trainers.opacus_backend import resolve_device
-
     cuda = resolve_device(device).type == "cuda"
     if cuda:
         if local_rank >= torch.cuda.device_count():
@@ -201,3 +153,6 @@ class BroadcastSampler:
                else torch.empty(int(n.item()), dtype=torch.int64)).to(self.dist._device())
         self.dist.broadcast_(buf)
         return buf.cpu().numpy()
+
+
+__all__ = ["LOCAL", "BroadcastSampler", "Distributed", "DistributedError", "from_env"]

@@ -56,6 +56,10 @@ Sharp edges (several devices):
     process would train its own model on its own batches.
 
 Sharp edge: ``dp_seed`` is secret (it determines the noise); it is not part of ``state_dict``.
+
+State (``state_dict``): numpy arrays and plain values only (what :mod:`dptrain.trainers.checkpoint` stores):
+parameters and other collections keyed by flax path joined with "/", the optimiser state's leaves as a list
+(``jax.tree.leaves`` order), the step counter and the EMA. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -69,7 +73,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import torch
 from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -87,15 +90,17 @@ def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def _to_torch(x) -> torch.Tensor:
-    return torch.from_numpy(np.array(x))
+def _to_numpy(x) -> np.ndarray:
+    return np.array(x)  # a host copy (a replicated array is fully addressable)
 
 
-def _from_torch(t: torch.Tensor, like) -> jax.Array:
-    arr = t.detach().cpu().numpy()
-    if arr.shape != tuple(np.shape(like)):
-        raise TrainerError(f"load_state_dict: expected shape {tuple(np.shape(like))}, got {arr.shape}")
-    return jnp.asarray(arr, dtype=like.dtype)
+def _from_numpy(a, like) -> jax.Array:
+    if not isinstance(a, np.ndarray):
+        raise TrainerError(f"load_state_dict: expected a numpy array, got {type(a).__name__}; give the state "
+                           "that state_dict() or load_checkpoint() returned")
+    if a.shape != tuple(np.shape(like)):
+        raise TrainerError(f"load_state_dict: expected shape {tuple(np.shape(like))}, got {a.shape}")
+    return jnp.asarray(a, dtype=like.dtype)
 
 
 def _optimizer(o: OptimizerConfig) -> optax.GradientTransformation:
@@ -339,7 +344,7 @@ class JaxTrainer:
 
     @staticmethod
     def _flat(tree) -> dict[str, Any]:
-        return {"/".join(k): _to_torch(v) for k, v in traverse_util.flatten_dict(tree).items()}
+        return {"/".join(k): _to_numpy(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
     @staticmethod
     def _unflat(state: dict, like, what: str):
@@ -349,13 +354,13 @@ class JaxTrainer:
             missing, extra = sorted(set(keys) - set(state)), sorted(set(state) - set(keys))
             raise TrainerError(f"load_state_dict: {what} do not match the model (missing {missing[:3]}, "
                                f"unexpected {extra[:3]})")
-        return traverse_util.unflatten_dict({k: _from_torch(state[s], flat[k]) for s, k in keys.items()})
+        return traverse_util.unflatten_dict({k: _from_numpy(state[s], flat[k]) for s, k in keys.items()})
 
     def state_dict(self) -> dict:
-        """Torch tensors, lists and plain values only (``torch.load(weights_only=True)`` loads it)."""
+        """Numpy arrays, dicts, lists and plain values only (see the module docstring)."""
         return {"backend": "jax", "params": self._flat(self.params),
                 "collections": {c: self._flat(v) for c, v in self.others.items()},
-                "optimizer": [_to_torch(v) for v in jax.tree.leaves(self.opt_state)],
+                "optimizer": [_to_numpy(v) for v in jax.tree.leaves(self.opt_state)],
                 "steps_done": self.steps_done, **({"ema": self._flat(self.ema)} if self.ema is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
@@ -367,7 +372,7 @@ class JaxTrainer:
         leaves, tree = jax.tree.flatten(self.opt_state)
         if len(state["optimizer"]) != len(leaves):
             raise TrainerError("load_state_dict: optimizer state does not match (another optimizer?)")
-        self.opt_state = jax.tree.unflatten(tree, [_from_torch(t, v) for t, v in
+        self.opt_state = jax.tree.unflatten(tree, [_from_numpy(t, v) for t, v in
                                                    zip(state["optimizer"], leaves, strict=True)])
         self.steps_done = int(state["steps_done"])
         if self.ema is not None:
@@ -383,6 +388,13 @@ class JaxTrainer:
         from dptrain.release import flax_weight_dict
 
         return flax_weight_dict(self.params if self.ema is None else self.ema, self.others)
+
+    def trained_model(self):
+        """The flax module bound to the trained variables (live parameters, not the EMA)."""
+        return self.model.bind({"params": self.params, **self.others})
+
+    def num_trainable_parameters(self) -> int:
+        return self._n_params
 
     def flat_params(self) -> np.ndarray:
         """All trainable parameters, flattened (``jax.flatten_util.ravel_pytree`` order)."""

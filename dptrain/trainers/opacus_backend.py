@@ -20,12 +20,18 @@ mitigation).
 Data-parallel (``dist``, see :mod:`dptrain.trainers.distributed`): ``dp_step`` gets the *global* batch on
 every rank and processes only this rank's share (units ``u % world_size == rank``); the clipped sums are
 all-reduced and the identical noise is added once, in ``add_noise``; the step equals the single-process one.
+
+State (``state_dict``): numpy arrays and plain values only (what :mod:`dptrain.trainers.checkpoint` stores,
+no pickle): the module's tensors, the torch optimiser's state with its per-parameter entries keyed by the
+parameter index as a string, the step counter and the EMA. Sharp edge: bfloat16 tensors (numpy has no such
+dtype) are stored widened to float32, exactly, and cast back to the parameter's dtype on load.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +45,8 @@ from torch import nn
 
 from dptrain.config import OptimizerConfig
 from dptrain.trainers.base import Batch, StepStats, TrainerError, ema_decay_at
-from dptrain.trainers.distributed import LOCAL, Distributed
+from dptrain.trainers.context import LOCAL, ProcessContext
+from dptrain.trainers.devices import resolve_device
 from dptrain.trainers.plan import PrivacyPlan
 from dptrain.trainers.sampler import secure_normal
 
@@ -83,18 +90,40 @@ class _DPOptimizerGhost(_OurNoise, DPOptimizerFastGradientClipping):
     pass
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: the CUDA GPU when torch has one, else the CPU; ``cuda`` without a GPU is refused clearly."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainerError("trainer.device: cuda, but this torch build sees no CUDA GPU (torch "
-                           f"{torch.__version__}); use device: cpu or install a CUDA build of torch")
-    return torch.device(name)
-
-
 def _to(obj, device: torch.device):
     return tuple(_to(o, device) for o in obj) if isinstance(obj, tuple) else obj.to(device, non_blocking=True)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A host copy as numpy; bfloat16 (no numpy dtype) widened to float32, exactly."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
+
+
+def _to_torch(a: Any) -> torch.Tensor:
+    if not isinstance(a, np.ndarray):
+        raise TrainerError(f"load_state_dict: expected a numpy array, got {type(a).__name__}; give the state "
+                           "that state_dict() or load_checkpoint() returned")
+    return torch.from_numpy(np.array(a))  # a copy: never aliases the caller's array
+
+
+def _optimizer_state(sd: dict) -> dict[str, Any]:
+    """A torch optimiser's ``state_dict`` in checkpointable form: per-parameter state keyed by str(index),
+    tensors as numpy arrays, param_groups as they are (plain values)."""
+    conv = lambda v: _to_numpy(v) if torch.is_tensor(v) else copy.deepcopy(v)  # noqa: E731
+    return {"state": {str(i): {k: conv(v) for k, v in s.items()} for i, s in sd["state"].items()},
+            "param_groups": [{k: conv(v) for k, v in g.items()} for g in sd["param_groups"]]}
+
+
+def _torch_optimizer_state(state: dict) -> dict[str, Any]:
+    """The inverse of :func:`_optimizer_state` (what ``torch.optim.Optimizer.load_state_dict`` takes)."""
+    conv = lambda v: _to_torch(v) if isinstance(v, np.ndarray) else copy.deepcopy(v)  # noqa: E731
+    try:
+        return {"state": {int(i): {k: conv(v) for k, v in s.items()} for i, s in state["state"].items()},
+                "param_groups": [{k: conv(v) for k, v in g.items()} for g in state["param_groups"]]}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise TrainerError("load_state_dict: the optimizer state is malformed; resume from the checkpoint the "
+                           "run wrote") from None
 
 
 def check_model(model: nn.Module, *, fix: bool) -> nn.Module:
@@ -126,7 +155,7 @@ class ClassificationTask:
 class OpacusTrainer:
     def __init__(self, optimizer: OptimizerConfig, *, grad_sample_mode: str = "hooks",
                  max_physical_batch_size: int = 1024, secure_rng: bool = False, task=None, device: str = "auto",
-                 dist: Distributed = LOCAL):
+                 dist: ProcessContext = LOCAL):
         """``dist``: this process's place in a data-parallel run (default: a single process); with CUDA each
         rank trains on GPU ``dist.local_rank``."""
         self.task = task or ClassificationTask()
@@ -137,6 +166,7 @@ class OpacusTrainer:
         self.opt_cfg, self.mode = optimizer, grad_sample_mode
         self.max_physical, self.secure = max_physical_batch_size, secure_rng
         self.steps_done = 0
+        self.num_devices = 1  # one device per process; data-parallel processes are counted by dist.world_size
 
     # ---- setup ----
     def init(self, model: nn.Module, plan: PrivacyPlan, *, seed: int, dp_seed: int, fix_batchnorm: bool = False,
@@ -362,33 +392,49 @@ class OpacusTrainer:
         return {k: np.ascontiguousarray(v.float().numpy()) if v.is_floating_point() else v.numpy().copy()
                 for k, v in out.items()}
 
+    def trained_model(self) -> nn.Module:
+        """The plain torch module being trained (live parameters, not the EMA; no Opacus wrapper)."""
+        return self.module
+
+    def num_trainable_parameters(self) -> int:
+        return int(sum(p.numel() for p in self.parameters()))
+
     def _frozen(self) -> set[str]:
         return {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
     def state_dict(self) -> dict:
-        """Model (only trainable parameters and buffers when some are frozen), optimiser, steps, EMA."""
+        """Model (only trainable parameters and buffers when some are frozen), optimiser, steps, EMA: numpy
+        arrays and plain values (see the module docstring)."""
         frozen = self._frozen()
-        out = {"model": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items() if k not in frozen},
-               "optimizer": copy.deepcopy(self.base_opt.state_dict()), "steps_done": self.steps_done}
+        out = {"backend": "opacus",
+               "model": {k: _to_numpy(v) for k, v in self.module.state_dict().items() if k not in frozen},
+               "optimizer": _optimizer_state(self.base_opt.state_dict()), "steps_done": self.steps_done}
         if self.ema is not None:
-            out["ema"] = [e.cpu().clone() for e in self.ema]
+            out["ema"] = [_to_numpy(e) for e in self.ema]
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("backend", "opacus") != "opacus":
+            raise TrainerError(f"load_state_dict: checkpoint is from backend {state.get('backend')!r}, not opacus; "
+                               "resume with the backend that wrote it")
         frozen = self._frozen()
-        missing, unexpected = self.module.load_state_dict(state["model"], strict=not frozen)
+        model = {k: _to_torch(v) for k, v in state["model"].items()}
+        missing, unexpected = self.module.load_state_dict(model, strict=not frozen)
         if unexpected or set(missing) - frozen:
             raise TrainerError(f"load_state_dict: the checkpoint does not match the model (missing "
                                f"{sorted(set(missing) - frozen)[:3]}, unexpected {unexpected[:3]}); resume with "
                                "the recipe and model the run started with")
-        self.base_opt.load_state_dict(state["optimizer"])
+        self.base_opt.load_state_dict(_torch_optimizer_state(state["optimizer"]))
         self.steps_done = int(state["steps_done"])
         if self.ema is not None:
             if "ema" not in state:
                 raise TrainerError("load_state_dict: the checkpoint has no EMA parameters but training.ema is set")
-            self.ema = [e.clone().to(self.device) for e in state["ema"]]
+            params = list(self.module.parameters())
+            if len(state["ema"]) != len(params):
+                raise TrainerError("load_state_dict: the checkpoint's EMA parameters do not match the model")
+            self.ema = [_to_torch(e).to(device=self.device, dtype=p.dtype) for e, p in
+                        zip(state["ema"], params, strict=True)]
 
     def parameters(self) -> list[torch.Tensor]:
+        """The trainable parameters (backend-specific; outside dptrain.trainers use num_trainable_parameters)."""
         return [p for p in self.module.parameters() if p.requires_grad]
-
-

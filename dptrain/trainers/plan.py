@@ -162,8 +162,7 @@ class PrivacyPlan:
             scheme: acc.SamplingScheme = acc.PoissonSampling.from_batch_size(t.batch_size, n)
         else:
             scheme = acc.ShuffledEpochs(n, t.batch_size)
-        steps = max(1, math.ceil(t.epochs * scheme.steps_per_epoch())) if p.sampling == "shuffled" else max(
-            1, math.ceil(t.epochs * n / t.batch_size))
+        steps = acc.steps_for_epochs(scheme, t.epochs, n, t.batch_size)
         common = dict(scheme=scheme, steps=steps, expected_batch_size=scheme.sampling_rate * n,
                       delta=delta, accountant=p.accountant, privacy_unit=privacy_unit, size=n,
                       releases=tuple(releases))

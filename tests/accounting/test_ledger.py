@@ -106,16 +106,37 @@ def test_non_private_is_infinite_and_empty_is_zero():
     assert led.epsilon(DELTA) == 0.0
     led.compose(acc.PoissonSampling(0.1).step_event(0.0))
     assert math.isinf(led.epsilon(DELTA)) and math.isinf(led.epsilon(DELTA, "rdp"))
-    assert led.statement(DELTA)["epsilon"] == "inf"
+    st = led.statement(DELTA)
+    assert math.isinf(st.epsilon) and not st.is_private
+    assert st.to_dict()["epsilon"] == "inf"  # JSON has no infinity: the one serialisation writes "inf" ...
+    assert math.isinf(acc.PrivacyStatement.from_dict(json.loads(json.dumps(st.to_dict()))).epsilon)  # ... and reads it
 
 
 def test_statement_has_the_full_record():
-    st = poisson_ledger(privacy_unit="patient").statement(DELTA)
-    for key in ("epsilon", "delta", "accountant", "accountant_version", "neighbouring_relation",
+    st = poisson_ledger(privacy_unit="patient").statement(DELTA).to_dict()
+    for key in ("format", "epsilon", "delta", "accountant", "accountant_version", "neighbouring_relation",
                 "privacy_unit", "steps"):
         assert key in st
     assert st["privacy_unit"] == "patient" and st["steps"] == T
     assert "0.6" in st["accountant_version"]
+
+
+def test_statement_round_trips_and_refuses_malformed_files(tmp_path):
+    st = poisson_ledger(privacy_unit="patient").statement(DELTA)
+    st.save(tmp_path / "privacy.json")
+    assert acc.PrivacyStatement.load(tmp_path / "privacy.json") == st
+    bad = st.to_dict()
+    bad["epsilon"] = "lots"
+    with pytest.raises(acc.LedgerFormatError, match="'epsilon'"):
+        acc.PrivacyStatement.from_dict(bad)
+    del bad["epsilon"]
+    with pytest.raises(acc.LedgerFormatError, match="missing or malformed"):
+        acc.PrivacyStatement.from_dict(bad)
+    with pytest.raises(acc.LedgerFormatError, match="format"):
+        acc.PrivacyStatement.from_dict({**st.to_dict(), "format": "other/1"})
+    (tmp_path / "garbage.json").write_bytes(b"\xff\x00")
+    with pytest.raises(acc.LedgerFormatError, match="not valid JSON"):
+        acc.PrivacyStatement.load(tmp_path / "garbage.json")
 
 
 def test_fixed_size_uses_replace_one_sensitivity_two():

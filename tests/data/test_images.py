@@ -27,8 +27,9 @@ from dptrain.data import (
     load_data,
     load_images,
 )
-from dptrain.data import images as img_mod
-from dptrain.data.tabular import _split
+from dptrain.data.core import _split
+from dptrain.data.image_builtins import _builtin_files, _builtin_pixels
+from dptrain.data.pixels import _Post
 
 _MISSING = [p for p in ("monai", "PIL", "pydicom", "nibabel", "torch") if importlib.util.find_spec(p) is None]
 pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"not installed (dptrain[medical,torch]): {_MISSING}")
@@ -370,7 +371,7 @@ def test_post_matches_monai_transforms():
         x = rng.uniform(-50, 300, size=shape).astype(np.float32)
         kw = {} if mode == "area" else {"align_corners": False}
         want = convert_to_numpy(scale(Resize((10, 10), mode=mode, **kw)(torch.from_numpy(x))))
-        got = img_mod._Post(10, 1, (-20.0, 230.0))(x, "test")
+        got = _Post(10, 1, (-20.0, 230.0))(x, "test")
         np.testing.assert_array_equal(got, want)
 
 
@@ -453,7 +454,7 @@ def test_image_builtins_listing():
 
 @needs_br35h
 def test_br35h_files_sorted_and_balanced():
-    files = img_mod._builtin_files(IMAGE_BUILTINS["br35h"])
+    files = _builtin_files(IMAGE_BUILTINS["br35h"])
     names = [n for n, _, _ in files]
     assert len(files) == 3000 and names == sorted(names)  # 'no/' sorts before 'yes/'
     assert sum(c for _, _, c in files) == 1500 and all(n.startswith("yes/") == bool(c) for n, _, c in files)
@@ -462,18 +463,18 @@ def test_br35h_files_sorted_and_balanced():
 @needs_br35h
 def test_br35h_cache_and_manifest_agree(tmp_path):
     b = IMAGE_BUILTINS["br35h"]
-    files = img_mod._builtin_files(b)
+    files = _builtin_files(b)
     few = files[::300]  # 10 files, both classes, several sizes and modes
     t0 = time.perf_counter()
-    x1, path = img_mod._builtin_pixels(b, few, 16, 1)
+    x1, path = _builtin_pixels(b, few, 16, 1)
     t1 = time.perf_counter() - t0
     assert Path(path) == tmp_path / "cache" / "br35h-16-1.npz" and x1.shape == (10, 1, 16, 16)
     stamp = os.stat(path).st_mtime_ns
     t0 = time.perf_counter()
-    x2, _ = img_mod._builtin_pixels(b, few, 16, 1)
+    x2, _ = _builtin_pixels(b, few, 16, 1)
     assert time.perf_counter() - t0 < t1 and os.stat(path).st_mtime_ns == stamp  # read, not rewritten
     np.testing.assert_array_equal(x1, x2)
-    img_mod._builtin_pixels(b, files[1::300], 16, 1)  # other files: the stale cache is rebuilt
+    _builtin_pixels(b, files[1::300], 16, 1)  # other files: the stale cache is rebuilt
     assert os.stat(path).st_mtime_ns != stamp
 
     pd.DataFrame({"path": [str(p) for _, p, _ in few], "y": [c for _, _, c in few], "k": range(10)}).to_csv(
@@ -505,9 +506,9 @@ def test_br35h_full_load(tmp_path):
     np.testing.assert_array_equal(first.units_train, np.arange(len(first.y_train)))
     assert any("no patient ids" in n for n in first.preprocessing["notes"])
     # row i of the sorted file list is where the tabular split says it is
-    files = img_mod._builtin_files(IMAGE_BUILTINS["br35h"])
+    files = _builtin_files(IMAGE_BUILTINS["br35h"])
     test = _split(np.arange(3000), cfg.test_fraction, 0)
-    pixels, _ = img_mod._builtin_pixels(IMAGE_BUILTINS["br35h"], files, 16, 1)
+    pixels, _ = _builtin_pixels(IMAGE_BUILTINS["br35h"], files, 16, 1)
     np.testing.assert_array_equal(first.x_train, pixels[~test])
     flipped = load_images(DataConfig(source="builtin:br35h", image=ImageConfig(size=16),
                                      positive_label="no_tumor"), seed=0)

@@ -17,7 +17,7 @@ import pytest
 
 from dptrain.config import DataConfig, parse_recipe
 from dptrain.data import DataError, TabularData, load_data, load_tabular
-from dptrain.data.images import MEDMNIST_CLASSES, medmnist_flag
+from dptrain.data.medmnist import MEDMNIST_CLASSES, medmnist_flag
 from dptrain.data.text import load_text, load_text_from_config
 
 # ---------------------------------------------------------------- fixtures

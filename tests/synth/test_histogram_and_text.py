@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 import accounting as acc
-from dptrain.data.tabular import DataError
+from dptrain.data import DataError
 from dptrain.data.text import load_text, read_iu_xray_reports
 from dptrain.synth import dp_label_counts, records_per_label
 
@@ -81,7 +81,7 @@ def test_csv_and_jsonl_records(tmp_path):
 
 def test_text_builtin_is_listed_like_the_other_builtins():
     from dptrain.data import list_datasets
-    from dptrain.data.text import list_text_datasets
+    from dptrain.data.registry import list_text_datasets
 
     rows = list_text_datasets()
     assert [r["name"] for r in rows] == ["iu-xray-reports"] and set(rows[0]) == set(list_datasets()[0])

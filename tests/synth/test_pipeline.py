@@ -12,7 +12,9 @@ import torch
 
 import accounting as acc
 from dptrain.config import RecipeError, parse_recipe
+from dptrain.lifecycle import CHECKPOINT
 from dptrain.synth.lm import PrefixLMTask, add_lora, encode_records, load_causal_lm, per_example_lm_loss
+from dptrain.trainers.checkpoint import load_checkpoint
 
 NORMAL = ["heart size is normal lungs clear", "lungs clear heart size is normal", "no effusion lungs clear",
           "heart size is normal no effusion"]
@@ -80,7 +82,7 @@ def test_synth_end_to_end(tiny, corpus, tmp_path):
     out = tmp_path / "run"
     rec = synthesize(recipe, out, progress=False, keep_checkpoint=True).record
     for f in ("release/synthetic.jsonl", "release/DATACARD.md", "private/record.json", "release/ledger.json",
-              "release/config.yaml", "release/privacy.json", "private/checkpoint.pt", "private/evaluation.md",
+              "release/config.yaml", "release/privacy.json", f"private/{CHECKPOINT}", "private/evaluation.md",
               "release/adapters/adapter_model.safetensors"):
         assert (out / f).exists(), f
     lines = [json.loads(x) for x in (out / "release" / "synthetic.jsonl").read_text().splitlines()]
@@ -113,7 +115,7 @@ def test_synth_end_to_end(tiny, corpus, tmp_path):
     assert p["releases"]["label_histogram"] == {"noise_std": 5.0, "l2_sensitivity": 1.0}
 
     # checkpoint (kept on request): adapters only (the frozen base model comes from model.source)
-    state = torch.load(out / "private" / "checkpoint.pt", weights_only=True)["trainer"]["model"]
+    state = load_checkpoint(out / "private" / CHECKPOINT)["trainer"]["model"]
     assert state and all("lora_" in k for k in state)
 
     ev = rec["evaluation"]
@@ -128,7 +130,7 @@ def test_synth_end_to_end(tiny, corpus, tmp_path):
     evaluation = (out / "private" / "evaluation.md").read_text()
     assert "NOT covered by the DP guarantee" in evaluation and "Downstream" in evaluation
     assert "train_loss_mean" not in json.dumps(rec["privacy"])
-    assert all(m["train_loss_mean"] is None for m in rec["metrics"])  # an un-noised statistic: never written
+    assert all(m["train_loss_mean"] is None for m in rec["training_log"])  # an un-noised statistic: never written
 
     # the histogram is paid for: without it (public prior) the same target needs less noise
     from dptrain.trainers.plan import PrivacyPlan, UnitCount
@@ -160,6 +162,51 @@ def test_resume_after_a_crash_in_generation_spends_nothing_twice(tiny, corpus, t
     assert led.count("label_histogram") == 1 and led.steps == first.steps == rec["privacy"]["steps"]
     assert rec["privacy"]["epsilon"] == pytest.approx(first.epsilon(rec["privacy"]["delta"]))
     assert rec["label_counts"]["noisy_counts"] is not None
+
+
+def test_synth_run_and_its_dp_baseline_are_charged_to_the_dataset_budget(tiny, corpus, tmp_path):
+    """A synth run on a dataset with a budget is charged, and so is its DP baseline (a run of its own, in
+    private/dp_baseline/); a second synth run that would overspend is refused before writing anything."""
+    from dptrain.data.identity import dataset_identity
+    from dptrain.synth.baseline import baseline_recipe
+    from dptrain.synth.histogram import histogram_event
+    from dptrain.synth.pipeline import synthesize
+    from dptrain.trainers.plan import PrivacyPlan, UnitCount
+
+    torch.set_num_threads(1)
+    over = {"privacy.dataset_size": 120, "synthesis.evaluation.canaries": 0}  # declared: the same plan every run
+    count = UnitCount(120, "declared")
+    synth_plan = PrivacyPlan.from_recipe(_recipe(tiny, corpus, **over), count,
+                                         releases=(("label_histogram", histogram_event(5.0)),))
+    eps = synth_plan.planned_ledger().epsilon(synth_plan.delta)
+    base_plan = PrivacyPlan.from_recipe(baseline_recipe(epsilon=eps, delta=synth_plan.delta, seed=0,
+                                                        released_units=120), count)
+    total = synth_plan.planned_ledger()
+    total.extend(base_plan.planned_ledger())
+    one_run = total.epsilon(synth_plan.delta)  # a synth run with its baseline
+    total.extend(synth_plan.planned_ledger())
+    budget = (one_run + total.epsilon(synth_plan.delta)) / 2  # fits one run, not the next synth run
+    recipe = _recipe(tiny, corpus, **over, **{"privacy.dataset_budget": budget})
+    path = acc.budget_path(dataset_identity(recipe.data))  # under this test's $DPTRAIN_HOME
+
+    rec = synthesize(recipe, tmp_path / "first", progress=False).record
+    real_dp = rec["evaluation"]["downstream"]["real_dp"]
+    assert "skipped" not in real_dp and real_dp["epsilon"] <= rec["privacy"]["epsilon"] + 1e-9
+    data = json.loads(path.read_text())
+    assert data["epsilon"] == pytest.approx(budget)
+    assert set(data["runs"]) == {rec["run_id"], real_dp["run_id"]}
+    assert rec["run_id"].startswith("first-") and real_dp["run_id"].startswith("dp_baseline-")
+    assert all(r["status"] == "settled" for r in data["runs"].values())
+    assert acc.DatasetBudget(path).spent() <= budget
+    baseline = tmp_path / "first" / "private" / "dp_baseline"  # an ordinary run directory, on the private side
+    assert json.loads((baseline / "private" / "record.json").read_text())["run_id"] == real_dp["run_id"]
+    assert acc.PrivacyLedger.load(baseline / "release" / "ledger.json").steps == real_dp["steps"]
+    assert not list(baseline.rglob("*checkpoint*"))  # no secret seed left behind
+
+    before = path.read_bytes()
+    with pytest.raises(acc.BudgetExceededError, match="second"):
+        synthesize(recipe, tmp_path / "second", progress=False)
+    assert not (tmp_path / "second").exists() and path.read_bytes() == before
 
 
 def test_recipe_errors_name_the_field(tiny, corpus, tmp_path):
@@ -278,7 +325,7 @@ def test_resume_mid_training_keeps_the_histogram_and_the_steps(tiny, corpus, tmp
     monkeypatch.setattr(OpacusTrainer, "dp_step", crash_after_an_epoch)
     with pytest.raises(KeyboardInterrupt):
         pipeline.synthesize(recipe, out, progress=False)
-    state = torch.load(out / "private" / "checkpoint.pt", weights_only=True)
+    state = load_checkpoint(out / "private" / CHECKPOINT)
     saved_counts = json.loads((out / "private" / "state.json").read_text())["noisy_label_counts"]
     saved_step = int(state["step"])
     assert 0 < saved_step < 23

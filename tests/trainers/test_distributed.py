@@ -28,6 +28,7 @@ import torch
 
 import accounting as acc
 from dptrain.config import OptimizerConfig, load_recipe
+from dptrain.lifecycle import CHECKPOINT
 from dptrain.run import build_trainer, train
 from dptrain.trainers.base import Batch, TrainerError
 from dptrain.trainers.checkpoint import load_checkpoint
@@ -46,7 +47,7 @@ CLIP_ONLY = ["training.epochs=1", "model.hidden=[8]", "privacy.clip_only=true", 
 # a finished run's files (checkpoint kept on request: the tests compare trained parameters and read dp_seed)
 RUN_FILES = {"release/config.yaml", "release/ledger.json", "release/privacy.json", "release/model.safetensors",
              "release/model.json", "private/run_id", "private/state.json", "private/metrics.jsonl",
-             "private/checkpoint.pt", "private/CHECKPOINT-HOLDS-SECRET-DP-SEED.txt", "private/predictions.parquet",
+             f"private/{CHECKPOINT}", "private/CHECKPOINT-HOLDS-SECRET-DP-SEED.txt", "private/predictions.parquet",
              "private/record.json", "private/audit.json"}
 N, D, K = 64, 100, 100  # units, features, classes (a 100x100 linear layer: 10100 noise coordinates)
 SIGMA, B, LR = 3.0, 16.0, 1.0
@@ -229,7 +230,7 @@ def runs(tmp_path_factory):
     proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", __file__, str(work)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    noisy_seed = int(load_checkpoint(work / "noisy" / "private" / "checkpoint.pt")["dp_seed"])
+    noisy_seed = int(load_checkpoint(work / "noisy" / "private" / CHECKPOINT)["dp_seed"])
     single = {
         "noisy": train(load_recipe(RECIPE, NOISY), work / "single_noisy", dp_seed=noisy_seed, progress=False,
                        keep_checkpoint=True),
@@ -240,7 +241,7 @@ def runs(tmp_path_factory):
 
 
 def _params(run_dir: Path) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in load_checkpoint(run_dir / "private" / "checkpoint.pt")["trainer"]["model"].items()}
+    return load_checkpoint(run_dir / "private" / CHECKPOINT)["trainer"]["model"]  # numpy arrays
 
 
 def test_two_process_run_writes_one_run_directory(runs):
@@ -284,8 +285,8 @@ def test_two_process_run_trains_the_single_process_model(runs, name):
     p2 = pd.read_parquet(work / name / "private" / "predictions.parquet")["score"].to_numpy()
     p1 = pd.read_parquet(single[name].out_dir / "private" / "predictions.parquet")["score"].to_numpy()
     np.testing.assert_allclose(p2, p1, rtol=0, atol=1e-5)
-    init = load_checkpoint(work / name / "private" / "checkpoint.pt")["trainer"]["model"]
-    assert any(np.abs(init[k].numpy()).sum() > 0 for k in init)
+    init = load_checkpoint(work / name / "private" / CHECKPOINT)["trainer"]["model"]
+    assert any(np.abs(init[k]).sum() > 0 for k in init)
 
 
 @pytest.mark.parametrize("case", ["dp_hooks", "dp_ghost", "clip_only_hooks", "non_private"])

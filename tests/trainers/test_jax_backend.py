@@ -91,7 +91,7 @@ def test_per_unit_chunks_never_split_a_unit_and_match_one_chunk():
         tr.dp_step(Batch(x, y, units))
 
 
-def test_checkpoint_round_trip_through_torch_weights_only(tmp_path):
+def test_checkpoint_round_trip(tmp_path):
     x, y = _data()
     plan = _truncated_plan()
     make = lambda: JaxTrainer(OptimizerConfig(name="sgd", lr=0.1, momentum=0.9))  # noqa: E731
@@ -99,10 +99,10 @@ def test_checkpoint_round_trip_through_torch_weights_only(tmp_path):
     tr.init(build_flax_model(ModelConfig(hidden=[8]), 6, 2), plan, seed=0, dp_seed=7)
     rows = np.arange(10)
     tr.dp_step(Batch(x[rows], y[rows], rows))
-    save_checkpoint(tmp_path / "c.pt", tr.state_dict())
+    save_checkpoint(tmp_path / "c.dptckpt", tr.state_dict())
     tr2 = make()
     tr2.init(build_flax_model(ModelConfig(hidden=[8]), 6, 2), plan, seed=1, dp_seed=7)
-    tr2.load_state_dict(load_checkpoint(tmp_path / "c.pt"))
+    tr2.load_state_dict(load_checkpoint(tmp_path / "c.dptckpt"))
     assert tr2.steps_done == 1
     tr.dp_step(Batch(x[rows], y[rows], rows))
     tr2.dp_step(Batch(x[rows], y[rows], rows))
