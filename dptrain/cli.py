@@ -357,7 +357,7 @@ def _run_options(p: argparse.ArgumentParser, example_recipe: str, example_set: s
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--keep-checkpoint", action="store_true",
-                   help="keep private/checkpoint.pt after the run (it holds the SECRET DP seed; default: removed)")
+                   help="keep private/checkpoint.dptckpt after the run (it holds the SECRET DP seed; default: removed)")
 
 
 def _report_options(p: argparse.ArgumentParser, threshold_default: float | None) -> None:

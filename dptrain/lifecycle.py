@@ -328,7 +328,7 @@ class Session:
             rd.make()
             if self.resume and rd.checkpoint.exists():
                 return load_checkpoint(rd.checkpoint), self.state, None
-            if self.resume and (rd.private / LEGACY_CHECKPOINT).exists():  # never unpickled; never silently restarted
+            if self.resume and (rd.private / LEGACY_CHECKPOINT).exists():  # never unpickled, never silently redone
                 raise CheckpointError(f"checkpoint {rd.private / LEGACY_CHECKPOINT}: written by an older dptrain in the "
                                       "torch/pickle format, which is no longer loaded; refusing to load it: finish the "
                                       "run with the dptrain version that started it, or start a new run")

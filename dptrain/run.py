@@ -94,7 +94,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this and gets the same result; rank 0's ``dp_seed``
     is used. Without WORLD_SIZE it is the single-process run."""
-    from dptrain.trainers.context import DistributedError, from_env
+    from dptrain.trainers.context import DistributedError
+    from dptrain.trainers.launch import from_env
 
     if recipe.model.name == "causal_lm":
         raise RunError("model.name: causal_lm recipes fine-tune a language model for synthetic text; "

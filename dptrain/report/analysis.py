@@ -47,6 +47,7 @@ from accounting.statement import PrivacyStatement
 from dptrain.evaluate import fairness as fm
 from dptrain.lifecycle import RunDir, jsonable
 from dptrain.records import RecordError, RunRecord
+from dptrain.report.selection_cost import composition, dominating_event, repeat_and_select
 from dptrain.report.sweep import eps_label
 
 UTILITY = ("auroc", "accuracy", "auprc", "ece")
@@ -381,20 +382,6 @@ def _pearson(runs: list[RunData], names: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _composition(ledgers: list[acc.PrivacyLedger], delta: float) -> dict[str, Any]:
-    """PLD composition of every ledger: what publishing any or all of these runs' outputs costs."""
-    try:
-        total = acc.PrivacyLedger(relation=ledgers[0].relation, privacy_unit=ledgers[0].privacy_unit,
-                                  accountant=ledgers[0].accountant)
-        for led in ledgers:
-            total.extend(led)
-        # coarser PLD grid (pessimistic rounding): an upper bound, slightly above the fine-grid number
-        return {"composition_epsilon": total.epsilon(delta, quick=True), "composition_accountant": total.accountant}
-    except acc.PrivacyError as err:
-        return {"composition_epsilon": math.nan, "composition_accountant": ledgers[0].accountant,
-                "composition_note": str(err)}
-
-
 def _selection(runs: list[RunData], configs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(backend -> the configuration chosen on validation AUROC and the privacy cost of the choice,
     the composition of the private runs of every backend or None with one backend)."""
@@ -423,8 +410,8 @@ def _selection(runs: list[RunData], configs: list[dict[str, Any]]) -> tuple[dict
                                  "selected_run_epsilon": best_run.statement.epsilon,
                                  "private_runs": [r.name for r in priv], "n_private_runs": len(priv),
                                  "delta": delta}
-        entry.update(_composition(ledgers, delta))
-        entry.update(_repeat_and_select(ledgers, delta))
+        entry.update(composition(ledgers, delta))
+        entry.update(repeat_and_select(ledgers, delta))
         rs, comp = entry["repeat_and_select_epsilon"], entry["composition_epsilon"]
         if math.isfinite(rs) and math.isfinite(comp) and rs >= comp:
             entry["repeat_and_select_note"] = (
@@ -435,69 +422,8 @@ def _selection(runs: list[RunData], configs: list[dict[str, Any]]) -> tuple[dict
     if len(out) > 1:
         delta = max(all_deltas)
         composition_all = {"private_runs": [n for e in out.values() for n in e["private_runs"]], "delta": delta,
-                           **_composition(all_ledgers, delta)}
+                           **composition(all_ledgers, delta)}
     return out, composition_all
-
-
-def dominating_event(ledgers: list[acc.PrivacyLedger]):
-    """One DP event whose RDP is at least every ledger's at every order (the base mechanism of
-    RepeatAndSelect when a run's configuration is any of these runs').
-
-    Poisson-subsampled Gaussian steps are merged into max(q) x min(sigma) x max(steps): their RDP increases
-    with the sampling rate and the number of steps and decreases with sigma (each run's DP count of units
-    makes q and the steps differ slightly between runs). Every other event is kept with its largest count
-    over the runs (RDP adds up under composition, so the union dominates each run's). Events the RDP
-    accountant cannot analyse stay as they are: the caller then reports RepeatAndSelect as unavailable."""
-    import dp_accounting.dp_event as dpe
-
-    from accounting.events import event_to_dict
-
-    q, sigma, steps = 0.0, math.inf, 0
-    other: dict[str, tuple[Any, int]] = {}
-    for led in ledgers:
-        run_steps, run_other = 0, {}
-        for ev, n in led.pairs():
-            if isinstance(ev, dpe.PoissonSampledDpEvent) and isinstance(ev.event, dpe.GaussianDpEvent):
-                q = max(q, float(ev.sampling_probability))
-                sigma = min(sigma, float(ev.event.noise_multiplier))
-                run_steps += n
-            else:
-                key = json.dumps(event_to_dict(ev), sort_keys=True)
-                run_other[key] = (ev, run_other.get(key, (ev, 0))[1] + n)
-        steps = max(steps, run_steps)
-        for key, (ev, n) in run_other.items():
-            if n > other.get(key, (ev, 0))[1]:
-                other[key] = (ev, n)
-    parts = []
-    if steps:
-        parts.append(dpe.SelfComposedDpEvent(dpe.PoissonSampledDpEvent(q, dpe.GaussianDpEvent(sigma)), steps))
-    parts += [dpe.SelfComposedDpEvent(ev, n) for ev, n in other.values()]
-    return dpe.ComposedDpEvent(parts)
-
-
-def _repeat_and_select(ledgers: list[acc.PrivacyLedger], delta: float) -> dict[str, Any]:
-    """RepeatAndSelect (Papernot & Steinke 2022, RDP) with mean = number of private runs, Poisson count,
-    over the event that dominates every run (:func:`dominating_event`; Renyi divergence is quasi-convex,
-    so a run with a configuration drawn at random from the grid is dominated too).
-
-    Generic about the events: if the RDP accountant cannot analyse them, the bound is reported as not
-    available with the accountant's reason."""
-    mean = len(ledgers)
-    assumption = (f"the number of runs was drawn at random from a Poisson distribution with mean {mean}, each run's "
-                  "configuration drawn at random from the grid, before the sweep, and only the selected run is "
-                  "published; a fixed grid run to completion does not satisfy it (then the composition applies)")
-    base = {"repeat_and_select_mean": mean, "repeat_and_select_assumption": assumption}
-    try:
-        led = acc.PrivacyLedger(relation=ledgers[0].relation, privacy_unit=ledgers[0].privacy_unit, accountant="rdp")
-        led.compose(acc.repeat_and_select(dominating_event(ledgers), mean=float(mean), shape=math.inf), 1,
-                    label="repeat_and_select")
-        with _quiet_absl():  # dp-accounting logs every RDP order it drops (dropping one is conservative)
-            eps = led.epsilon(delta, "rdp")
-        return {**base, "repeat_and_select_epsilon": eps}
-    except (acc.PrivacyError, NotImplementedError, ValueError, TypeError) as err:
-        return {**base, "repeat_and_select_epsilon": math.nan,
-                "repeat_and_select_note": "not available for these runs' events (RepeatAndSelect is RDP-only and "
-                f"the RDP accountant cannot analyse them): {err}"}
 
 
 def selection_statement(an: Analysis) -> dict[str, Any]:
@@ -545,18 +471,6 @@ def selection_statement(an: Analysis) -> dict[str, Any]:
             "accountant": c["composition_accountant"], "delta": c["delta"], "runs": c["private_runs"],
             "meaning": "publishing the selected models of several backends, or any models of this sweep"}
     return jsonable(out)
-
-
-class _quiet_absl:
-    def __enter__(self):
-        import logging
-
-        self.logger = logging.getLogger("absl")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
 
 
 __all__ = ["Analysis", "ReportError", "RunData", "SELECTION_WORDING", "UTILITY", "analyse", "check_one_split",

@@ -60,7 +60,7 @@ def dp_text_classifier(out_dir: str | Path, train_texts, train_y, test_texts, te
     rd = RunDir(out_dir)
     recipe = baseline_recipe(epsilon=epsilon, delta=delta, seed=seed, released_units=released_units,
                              dataset_budget=dataset_budget, epochs=epochs, batch_size=batch_size)
-    session = Session(recipe, rd.root, resume=resume and rd.root.exists())
+    session = Session(recipe, rd.root, resume=resume and rd.root.exists(), command="dp-baseline", data_parallel=False)
     record = session.finished
     if record is None:
         try:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import time
 from pathlib import Path
@@ -102,12 +101,10 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
                        "causal_lm and a synthesis section (see recipes/iu-xray-reports-synth.yaml)")
     if recipe.trainer.grad_sample_mode != "hooks":
         raise RunError("trainer.grad_sample_mode: LM fine-tuning uses per-sample hooks; set grad_sample_mode: hooks")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise RunError("dptrain synth runs in one process (data-parallel LM fine-tuning is not supported yet); "
-                       "run it without torchrun")
     syn = recipe.synthesis
     out = Path(out_dir)
-    session = Session(recipe, out, resume=resume, keep_checkpoint=keep_checkpoint)
+    session = Session(recipe, out, resume=resume, keep_checkpoint=keep_checkpoint, command="synth",
+                      data_parallel=False)  # the shared check: data-parallel LM fine-tuning is not supported yet
     if session.finished is not None:
         return RunResult(out, session.finished)
     rd = session.rd

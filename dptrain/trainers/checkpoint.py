@@ -123,7 +123,8 @@ def load_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint: no file at {path}; nothing to resume (run without --resume)") from None
     except IsADirectoryError:
-        raise CheckpointError(f"checkpoint {path}: is a directory, not a checkpoint file; refusing to load it") from None
+        raise CheckpointError(f"checkpoint {path}: is a directory, not a checkpoint file; refusing to load "
+                              "it") from None
     except OSError as err:
         raise CheckpointError(f"checkpoint {path}: cannot be read ({err.strerror or type(err).__name__})") from None
 

@@ -1,19 +1,18 @@
-"""This process's place in a run, without torch: the single-process context ``LOCAL`` and ``from_env``.
+"""This process's place in a run, without torch: :class:`ProcessContext` and the single-process ``LOCAL``.
 
 :class:`ProcessContext` is what trainers and the run lifecycle talk to (rank, world size, ``on_main``, the
 collectives). In a single process (``LOCAL``) every collective is a no-op and nothing here imports torch or
 jax, so a JAX run, or ``import dptrain.run``, works without torch. The data-parallel implementation
-(torch.distributed, launched with torchrun) is :class:`dptrain.trainers.distributed.Distributed`, imported only
-by ``from_env`` when the environment describes several processes or a torch process group is initialised.
+(torch.distributed, launched with torchrun) is :class:`dptrain.trainers.distributed.Distributed`;
+:func:`dptrain.trainers.launch.from_env` imports it only when the environment describes several processes or a
+torch process group is initialised.
 
 Sharp edge: a bare ``ProcessContext`` with ``world_size > 1`` has no collectives and refuses to pretend (every
-collective raises RuntimeError); build data-parallel contexts with ``from_env`` or ``Distributed``.
+collective raises RuntimeError); build data-parallel contexts with ``launch.from_env`` or ``Distributed``.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -60,7 +59,7 @@ class ProcessContext:
     def _no_collectives(self) -> None:
         if self.active:
             raise RuntimeError(f"{type(self).__name__} with world_size {self.world_size} has no collectives; use "
-                               "dptrain.trainers.context.from_env or dptrain.trainers.distributed.Distributed")
+                               "dptrain.trainers.launch.from_env or dptrain.trainers.distributed.Distributed")
 
     def broadcast_object(self, obj: T) -> T:
         """Rank 0's ``obj`` on every rank (pickled between ranks: for small values, never per-step data)."""
@@ -108,25 +107,4 @@ class ProcessContext:
 LOCAL = ProcessContext()
 
 
-def from_env(device: str = "auto", *, env: dict[str, str] | None = None) -> ProcessContext:
-    """``LOCAL`` unless the environment describes several processes (WORLD_SIZE > 1) or a torch process group
-    is initialised; then :func:`dptrain.trainers.distributed.from_env` (imports torch). A ValueError says what
-    is wrong with the environment."""
-    env = dict(os.environ) if env is None else env
-    dist = sys.modules.get("torch.distributed")  # a group can be initialised only if the caller imported it
-    initialised = dist is not None and dist.is_available() and dist.is_initialized()
-    try:
-        world = int(env.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        raise ValueError(f"distributed: WORLD_SIZE must be an integer, got {env['WORLD_SIZE']!r}") from None
-    if not initialised and world <= 1:
-        return LOCAL
-    try:
-        from dptrain.trainers import distributed
-    except ImportError as err:
-        raise ValueError(f"distributed: WORLD_SIZE={world} needs torch ({err}); install torch or run one "
-                         "process") from None
-    return distributed.from_env(device, env=env)
-
-
-__all__ = ["LOCAL", "DistributedError", "ProcessContext", "from_env"]
+__all__ = ["LOCAL", "DistributedError", "ProcessContext"]

@@ -147,7 +147,7 @@ def test_selection_cost_is_stated_and_correct(sweep_dir, an, summary):
 def test_repeat_and_select_refused_for_events_rdp_cannot_analyse():
     """RepeatAndSelect is RDP-only: events the RDP accountant cannot analyse (here truncated-Poisson steps, a
     PLD-only event) make it 'not available' with the accountant's reason, whatever the backend."""
-    from dptrain.report.analysis import _repeat_and_select
+    from dptrain.report.selection_cost import repeat_and_select as _repeat_and_select
 
     scheme = acc.TruncatedPoissonSampling.with_headroom(256, 1604)
     led = acc.PrivacyLedger()

@@ -335,3 +335,17 @@ def test_resume_mid_training_keeps_the_histogram_and_the_steps(tiny, corpus, tmp
     assert led.count("label_histogram") == 1 and led.steps == rec["privacy"]["steps"] == rec["privacy"]["planned_steps"]
     assert list(rec["label_counts"]["noisy_counts"].values()) == saved_counts  # never redrawn
     assert rec["privacy"]["epsilon"] == pytest.approx(rec["privacy"]["epsilon_independent_check"]["epsilon"], rel=2e-3)
+
+
+def test_synth_under_torchrun_is_refused_by_the_shared_lifecycle_check(tiny, corpus, tmp_path, monkeypatch):
+    """`train` and `synth` meet WORLD_SIZE > 1 in the same place (``Session``): synth refuses it there, before
+    anything is read or written, with the same wording a future command gets for free."""
+    from dptrain.lifecycle import RunError, Session
+    from dptrain.synth.pipeline import synthesize
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RunError, match=r"dptrain synth runs in one process \(WORLD_SIZE=2"):
+        synthesize(_recipe(tiny, corpus), tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(RunError, match=r"dptrain newcmd runs in one process \(WORLD_SIZE=2"):
+        Session(_recipe(tiny, corpus), tmp_path / "n", command="newcmd", data_parallel=False)

@@ -8,10 +8,13 @@
 * The checkpoint file refuses damage (a flipped byte anywhere, truncation, a foreign or legacy file, a
   directory, a valid checksum over a malformed header) with one CheckpointError line naming the file.
 * No ``torch.load`` (nor pickle) reads a checkpoint anywhere in dptrain/.
+* No import circle among the trainers, the released model and the shared value types, counting the imports
+  inside functions too (``distributed`` <-> ``opacus_backend`` was one).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -218,3 +221,35 @@ def test_no_torch_load_or_pickle_reads_checkpoints():
     for name in ("trainers/checkpoint.py", "lifecycle.py"):
         text = sources[ROOT / "dptrain" / name]
         assert not re.search(r"^\s*(import|from)\s+(pickle|torch|dill|cloudpickle|joblib)\b", text, re.M), name
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The dptrain modules ``path`` imports, at module level or inside functions."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return out & modules
+
+
+def test_no_import_circle_in_trainers_release_and_values():
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "dptrain").rglob("*.py")}
+    graph = {m: _imports(p, set(files)) - {m} for m, p in files.items()}
+    ours = [m for m in graph if m.startswith(("dptrain.trainers.", "dptrain.release", "dptrain.values"))]
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+        return False
+
+    assert [m for m in ours if reaches(m, m)] == []
+    assert "dptrain.trainers.distributed" not in graph["dptrain.trainers.opacus_backend"]
