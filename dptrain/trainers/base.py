@@ -8,7 +8,7 @@ re-exported here.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -21,6 +21,7 @@ def ema_decay_at(decay: float, steps_done: int) -> float:
     return min(decay, (1.0 + steps_done) / (10.0 + steps_done))
 
 
+@runtime_checkable
 class Trainer(Protocol):
     """One backend's DP trainer. Order of use: construct (backend options) -> ``init`` once -> optionally
     ``load_state_dict`` (resume) -> ``dp_step`` per step -> ``predict`` / ``release_weights`` /

@@ -13,7 +13,7 @@ from scipy import stats
 
 import accounting as acc
 from dptrain.config import OptimizerConfig
-from dptrain.trainers.base import Batch
+from dptrain.trainers.base import Batch, Trainer
 from dptrain.trainers.plan import PrivacyPlan
 
 N, D, C = 48, 6, 2
@@ -159,6 +159,7 @@ class TrainerContract:
         np.testing.assert_array_equal(tr.predict(x), tr2.predict(x))  # the EMA parameters too
         w, w2 = tr.release_weights(), tr2.release_weights()
         assert w.keys() == w2.keys() and all(np.array_equal(w[k], w2[k]) for k in w)
+        assert isinstance(tr, Trainer)  # every member of the protocol is there (names, not signatures)
         assert isinstance(tr.num_devices, int) and tr.num_devices >= 1
         assert tr.num_trainable_parameters() == self.params(tr).size
         assert tr.trained_model() is not None
