@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_json
+from .atomic import atomic_write_json
 from .errors import BudgetExceededError, InvalidParameterError, LedgerFormatError, check_delta, check_epsilon
 from .ledger import PrivacyLedger
 

@@ -16,7 +16,7 @@ from typing import Any
 from dp_accounting import dp_event as dpe
 
 from . import accountants as _acc
-from ._io import atomic_write_json
+from .atomic import atomic_write_json, read_json
 from .errors import InvalidParameterError, LedgerFormatError, UnsupportedAccountantError
 from .events import RELATIONS, event_from_dict, event_to_dict
 from .statement import PrivacyStatement
@@ -188,14 +188,7 @@ class PrivacyLedger:
 
     @classmethod
     def load(cls, path: str | Path) -> PrivacyLedger:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LedgerFormatError(f"ledger: no file at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise LedgerFormatError(f"ledger: {path} is not valid JSON ({err}); it is truncated or corrupt") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, LedgerFormatError, "ledger"))
 
     def __repr__(self) -> str:
         return (f"PrivacyLedger(relation={self.relation!r}, privacy_unit={self.privacy_unit!r}, "

@@ -14,13 +14,12 @@ format or with a missing or malformed field (``LedgerFormatError``, naming the f
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_json
+from .atomic import atomic_write_json, read_json
 from .errors import LedgerFormatError
 
 FORMAT = "dptrain.privacy-statement/1"
@@ -169,14 +168,7 @@ class PrivacyStatement:
 
     @classmethod
     def load(cls, path: str | Path) -> PrivacyStatement:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LedgerFormatError(f"privacy statement: no file at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as err:
-            raise LedgerFormatError(f"privacy statement: {path} is not valid JSON ({err})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, LedgerFormatError, "privacy statement"))
 
 
 def _sub(kind, value: Any, name: str):

@@ -35,13 +35,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import accounting as acc
-from accounting._io import atomic_write_bytes, atomic_write_json
+from accounting.atomic import atomic_write_bytes, atomic_write_json
 from accounting.statement import IndependentCheck, PrivacyStatement, ReleasedUnits
 from dptrain.config import Recipe, dump_recipe
+from dptrain.records import RunRecord
 from dptrain.trainers.plan import PrivacyPlan, UnitCount
+from dptrain.values import jsonable
 
 RELEASE, PRIVATE = "release", "private"
 CHECKPOINT = "checkpoint.dptckpt"  # dptrain.trainers.checkpoint's format: arrays + JSON + SHA-256, no pickle
@@ -65,19 +65,6 @@ class RunResult:
         from dptrain.records import RunRecord
 
         return RunRecord.from_dict(self.record, str(self.out_dir))
-
-
-def jsonable(obj):
-    """JSON-safe copy: non-finite floats as strings, numpy scalars as Python values."""
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, np.generic):
-        return jsonable(obj.item())
-    return obj
 
 
 def software_versions() -> dict[str, str]:
@@ -428,8 +415,6 @@ class Session:
         :class:`~dptrain.records.RunRecord`; its presence marks the run finished), then remove the checkpoint and
         any temporary copy (the secret seed) unless kept. ``record``: the command's sections, plus ``command``
         (or a legacy ``format``), ``data``. Returns the record as written (JSON)."""
-        from dptrain.records import RunRecord
-
         rd = self.rd
         if not isinstance(statement, PrivacyStatement):
             statement = PrivacyStatement.from_dict(statement)

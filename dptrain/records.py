@@ -12,14 +12,14 @@ inside it is publishable, and it is also written alone to ``release/privacy.json
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accounting._io import atomic_write_json
+from accounting.atomic import atomic_write_json, read_json
 from accounting.errors import LedgerFormatError
 from accounting.statement import PrivacyStatement
+from dptrain.values import jsonable
 
 FORMAT = "dptrain.run-record/2"
 COMMON = ("format", "command", "status", "recipe", "run_id", "privacy", "data", "training_log", "checkpoint_kept",
@@ -50,8 +50,6 @@ class RunRecord:
             raise ValueError(f"record sections {sorted(clash)} clash with the common fields")
 
     def to_dict(self) -> dict[str, Any]:
-        from dptrain.lifecycle import jsonable
-
         return jsonable({"format": FORMAT, "command": self.command, "status": self.status, "recipe": self.recipe,
                          "run_id": self.run_id, "privacy": self.privacy.to_dict(), "data": self.data,
                          "training_log": self.training_log, "checkpoint_kept": self.checkpoint_kept,
@@ -85,15 +83,6 @@ class RunRecord:
 
     @classmethod
     def load(cls, path: str | Path) -> RunRecord:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise RecordError(f"{path}: no such file (not a finished run)") from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RecordError(f"{path}: not a JSON run record ({type(err).__name__}); the file is truncated or "
-                              "corrupt") from None
-        return cls.from_dict(data, str(path))
-
+        return cls.from_dict(read_json(path, RecordError, "run record"), str(path))
 
 __all__ = ["FORMAT", "RecordError", "RunRecord"]

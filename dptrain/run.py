@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from accounting._io import atomic_write_bytes, atomic_write_json
+from accounting.atomic import atomic_write_bytes, atomic_write_json
 from accounting.statement import PrivacyStatement
 from dptrain.config import Recipe, RecipeError
 from dptrain.data import TabularData, load_data

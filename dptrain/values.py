@@ -45,4 +45,20 @@ class StepStats:
     rows: int
 
 
-__all__ = ["Batch", "StepStats", "TrainerError"]
+__all__ = ["Batch", "StepStats", "TrainerError", "jsonable"]
+
+
+def jsonable(obj):
+    """JSON-safe copy for records and logs: numpy scalars as Python values, non-finite floats as the strings
+    "inf"/"-inf"/"nan" (the privacy statement has its own typed serialisation, ``accounting.statement``)."""
+    import math
+
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item())
+    return obj

@@ -439,7 +439,7 @@ def _kill_when(proc: subprocess.Popen, path: Path, log: Path, timeout: float = 3
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_losing_or_double_counting_steps(tmp_path, capsys):
+def test_killed_run_resumes_without_losing_or_double_counting_steps(tmp_path, capsys, monkeypatch):
     overrides = ["training.epochs=8", "model.hidden=[8]", "privacy.epsilon=2"]
     recipe = load_recipe(RECIPE, overrides)
     out = tmp_path / "killed"
@@ -448,7 +448,16 @@ def test_killed_run_resumes_without_losing_or_double_counting_steps(tmp_path, ca
     assert not rec_path(out).exists()
     killed_at = load_checkpoint(out / "private" / CHECKPOINT)["step"]
 
-    ref = train(recipe, tmp_path / "uninterrupted", dp_seed=DP_SEED, progress=False).record
+    # the reference run releases the same DP count as the killed one (its noise draw pinned to it), so the two
+    # plans -- q, steps, sigma -- are the same; the resumed run must reuse its persisted count, not draw again
+    import dptrain.trainers.sampler as sampler
+
+    released = json.loads((out / "private" / "state.json").read_text())["unit_count"]["value"]
+    n_true = len(load_tabular(recipe.data).y_train)
+    with monkeypatch.context() as m:
+        m.setattr(sampler, "secure_normal", lambda n: np.full(n, (released - n_true) / 20.0))
+        ref = train(recipe, tmp_path / "uninterrupted", dp_seed=DP_SEED, progress=False).record
+    assert ref["privacy"]["units"]["value"] == released
     plan_steps = ref["privacy"]["planned_steps"]
     assert 40 <= plan_steps <= 60 and 1 <= killed_at < plan_steps  # killed mid-run
 

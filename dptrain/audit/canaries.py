@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from accounting._io import atomic_write_bytes
+from accounting.atomic import atomic_write_bytes
 
 FILE = "canaries.npz"
 

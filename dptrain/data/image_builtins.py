@@ -66,7 +66,7 @@ def _builtin_pixels(b: ImageBuiltin, files: list[tuple[str, Path, int]], size: i
     The cache is keyed by size and channels, holds the file names it was made from (a stale cache is
     rebuilt) and is written atomically (write, fsync, rename), so concurrent runs never see half a file.
     """
-    from accounting._io import atomic_write_bytes
+    from accounting.atomic import atomic_write_bytes
 
     path = cache_dir() / f"{b.name}-{size}-{channels}.npz"
     names = np.asarray([name for name, _, _ in files])

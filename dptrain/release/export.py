@@ -60,7 +60,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
     torch, onnx, ort = _onnx_modules()
     from torch import nn
 
-    from accounting._io import atomic_write_bytes
+    from accounting.atomic import atomic_write_bytes
 
     model = load_model(run_dir)
     module = model._net.module if model.backend == "opacus" else _torch_twin(model)

@@ -276,7 +276,7 @@ def _check_out(out: Path, suffix: str, overwrite: bool) -> Path:
 def predict(run_dir: str | Path, data: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Score the records of ``data`` (CSV / Parquet; image models: a manifest) with the released model of
     ``run_dir`` and write the scores to the CSV ``out`` atomically; returns ``out``."""
-    from accounting._io import atomic_write_bytes
+    from accounting.atomic import atomic_write_bytes
 
     out = _check_out(Path(out), ".csv", overwrite)
     scores = load_model(run_dir).predict_file(data)

@@ -66,7 +66,7 @@ def save_release_model(release_dir: Path, recipe: Recipe, data: TabularData, wei
     ``recipe.model`` before anything is written. Only declared, public facts of ``data`` are used."""
     from safetensors.numpy import save
 
-    from accounting._io import atomic_write_bytes
+    from accounting.atomic import atomic_write_bytes
 
     backend = recipe.trainer.backend
     if recipe.model.name == "causal_lm":

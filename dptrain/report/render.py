@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from accounting._io import atomic_write_bytes, atomic_write_json
+from accounting.atomic import atomic_write_bytes, atomic_write_json
 from dptrain.evaluate import fairness as fm
 from dptrain.lifecycle import PRIVATE, RELEASE
 from dptrain.report.analysis import NOT_COVERED, SELECTION_WORDING, UTILITY, Analysis, selection_statement

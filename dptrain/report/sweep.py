@@ -28,7 +28,7 @@ Guarantees and sharp edges:
   most the composition of all private runs (stated in release/selection.json); RepeatAndSelect is stated
   too, with the assumption it needs (a random number of runs), which a fixed grid does not meet.
 * Rerunning the same command resumes: finished points (``private/record.json`` present) are skipped,
-  interrupted ones (``release/config.yaml`` or ``private/checkpoint.pt`` present) continue with the same
+  interrupted ones (``release/config.yaml`` or ``private/checkpoint.dptckpt`` present) continue with the same
   ledger, failed ones are retried. A rerun with a different grid, recipe or split in the same ``DIR`` is
   refused (the report would mix experiments).
 * Every point is an independent run with its own ledger: the sweep does not make any run's epsilon
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accounting._io import atomic_write_bytes, atomic_write_json
+from accounting.atomic import atomic_write_bytes, atomic_write_json
 from dptrain.config import TRAINER_FIELDS, Recipe, RecipeError, dump_recipe, parse_recipe
 from dptrain.lifecycle import RunDir
 

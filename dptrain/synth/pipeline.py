@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from accounting._io import atomic_write_bytes
+from accounting.atomic import atomic_write_bytes
 from dptrain.config import Recipe
 from dptrain.lifecycle import RunError, RunResult, Session, run_statement
 from dptrain.synth.evaluate import evaluate_synthetic, safe

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from accounting._io import atomic_write_bytes
+from accounting.atomic import atomic_write_bytes
 
 MAGIC = b"DPTCKPT2"
 FORMAT = "dptrain.checkpoint/2"
