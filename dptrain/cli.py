@@ -10,6 +10,7 @@ import sys
 
 import accounting as acc
 from accounting.errors import check_positive_int
+from accounting.statement import encode_float
 
 EPILOG_PRIVACY = """\
 examples:
@@ -45,7 +46,7 @@ def _cmd_epsilon(args) -> int:
     main = eps[ledger.accountant]
     if args.json:
         print(json.dumps({
-            "epsilon": main if math.isfinite(main) else "inf", "epsilons": eps, "delta": args.delta,
+            "epsilon": encode_float(main), "epsilons": {a: encode_float(e) for a, e in eps.items()}, "delta": args.delta,
             "accountant": ledger.accountant, "sampling": scheme.name, "sampling_rate": scheme.sampling_rate,
             "noise_multiplier": args.noise_multiplier, "steps": args.steps,
             "neighbouring_relation": scheme.relation, "privacy_unit": "example",

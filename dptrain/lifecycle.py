@@ -37,7 +37,7 @@ from typing import Any
 
 import accounting as acc
 from accounting.atomic import atomic_write_bytes, atomic_write_json
-from accounting.statement import IndependentCheck, PrivacyStatement, ReleasedUnits
+from accounting.statement import IndependentCheck, PrivacyStatement, ReleasedUnits, encode_float
 from dptrain.config import Recipe, dump_recipe
 from dptrain.records import RunRecord
 from dptrain.trainers.plan import PrivacyPlan, UnitCount
@@ -377,7 +377,7 @@ class Session:
             if done % k == 0 or done == plan.steps:
                 eps = led.epsilon(plan.delta, quick=True)  # per-epoch upper bound; the record has the final number
                 metrics.append({"epoch": round(plan.epochs_done(done), 3), "step": done,
-                                "epsilon_upper_bound": eps if math.isfinite(eps) else "inf",
+                                "epsilon_upper_bound": encode_float(eps),
                                 "train_loss_mean": epoch_loss["sum"] / max(epoch_loss["rows"], 1)
                                 if show_loss else None})
                 epoch_loss.update(sum=0.0, rows=0)

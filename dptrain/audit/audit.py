@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from accounting.statement import encode_float
 from dptrain.audit.bounds import (
     max_certifiable_epsilon,
     membership_inference_metrics,
@@ -39,8 +40,7 @@ def compute_audit(predict: Callable[[np.ndarray], np.ndarray], *, canaries: Cana
                   x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                   claimed_epsilon: float, delta: float, confidence: float = 0.95) -> dict[str, Any]:
     """Run both attacks with the trained model's ``predict`` (class probabilities) and return audit.json."""
-    out: dict[str, Any] = {"format": FORMAT, "claimed_epsilon": claimed_epsilon if math.isfinite(claimed_epsilon)
-                           else "inf", "delta": delta, "confidence": confidence, "score": "minus cross-entropy loss"}
+    out: dict[str, Any] = {"format": FORMAT, "claimed_epsilon": encode_float(claimed_epsilon), "delta": delta, "confidence": confidence, "score": "minus cross-entropy loss"}
     loss_in = canary_losses(predict(x_train), y_train)
     loss_out = canary_losses(predict(x_test), y_test)
     out["loss_attack"] = {"members": "real training examples", "non_members": "held-out test examples",
