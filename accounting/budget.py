@@ -203,6 +203,18 @@ class DatasetBudget:
                 atomic_write_json(self.path, data)
             return after
 
+    def cancel(self, run_id: str) -> bool:
+        """Remove a reservation of a run that released nothing and never trained (e.g. refused after it
+        reserved). Only a ``reserved`` entry can be cancelled; returns whether one was removed. The caller
+        guarantees nothing of the run was released."""
+        with self._locked() as data:
+            entry = data["runs"].get(run_id)
+            if entry is None or entry.get("status") != "reserved":
+                return False
+            del data["runs"][run_id]
+            atomic_write_json(self.path, data)
+            return True
+
     def settle(self, run_id: str, actual: PrivacyLedger) -> None:
         """Replace a reservation by what the run actually spent (must not exceed the reservation)."""
         self._check_compatible(actual)

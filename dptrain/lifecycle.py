@@ -28,6 +28,7 @@ import json
 import math
 import os
 import secrets
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -47,6 +48,16 @@ RELEASE, PRIVATE = "release", "private"
 CHECKPOINT = "checkpoint.dptckpt"  # dptrain.trainers.checkpoint's format: arrays + JSON + SHA-256, no pickle
 LEGACY_CHECKPOINT = "checkpoint.pt"  # an older dptrain's torch.save checkpoint: never loaded, removed with the secrets
 KEPT_CHECKPOINT_NOTE = "CHECKPOINT-HOLDS-SECRET-DP-SEED.txt"
+
+
+def _is_temp(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
+def recipe_hash(config_text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(config_text.encode()).hexdigest()
 
 
 class RunError(ValueError):
@@ -98,31 +109,77 @@ class RunDir:
         return self.root / side / file
 
     def finished_record(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.record.read_text())
-        except FileNotFoundError:
+        if not self.record.exists():
             return None
+        from accounting.atomic import read_json
 
-    def check(self, resume: bool) -> dict[str, Any] | None:
-        """Refuse to overwrite a run or to write where we cannot; on ``resume`` of a finished run return its
-        record (nothing to do)."""
+        record = read_json(self.record, RunError, "run record")
+        if not isinstance(record, dict):
+            raise RunError(f"run record: {self.record} is not a run record (a JSON {type(record).__name__}); restore "
+                           "it or choose another --out")
+        return record
+
+    def started(self) -> bool:
+        """A run began here: its state, config, checkpoint or record exists (``start`` writes config.yaml and
+        state.json before any training)."""
+        return any(p.exists() for p in (self.state, self.config, self.checkpoint, self.record,
+                                        self.private / LEGACY_CHECKPOINT))
+
+    def only_skeleton(self) -> bool:
+        """Nothing but what an attempt that never started leaves: the two folders, private/run_id (its budget
+        reservation's key), temporary files of killed atomic writes."""
+        if not self.root.is_dir():
+            return False
+        if any(c.name not in (RELEASE, PRIVATE) for c in self.root.iterdir()):
+            return False
+        for p in self.root.rglob("*"):
+            if p.is_dir() or _is_temp(p) or p == self.run_id_file:
+                continue
+            return False
+        return True
+
+    def clean_temp(self) -> None:
+        """Remove temporary files that killed atomic writes left behind (one may hold a copy of the seed)."""
+        for side in (self.release, self.private):
+            if side.is_dir():
+                for p in side.rglob(".*.tmp"):
+                    p.unlink(missing_ok=True)
+
+    def probe_writable(self) -> None:
+        """Refuse an --out we cannot create files in (a file, read-only, /proc, ...) before any work."""
         out = self.root
         if out.exists() and not out.is_dir():
             raise RunError(f"--out {out}: is a file, not a directory; choose another --out")
+        parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+        if not parent.is_dir():
+            raise RunError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".dptrain-probe-", dir=parent))
+        except OSError as err:
+            raise RunError(f"--out {out}: cannot create files in {parent} ({err.strerror or err}); choose another "
+                           "--out") from None
+
+    def check(self, resume: bool) -> dict[str, Any] | None:
+        """Refuse to overwrite a run or to write where we cannot; on ``resume`` of a finished run return its
+        record (nothing to do). A directory holding only an attempt that never started (killed before
+        config.yaml and state.json were written) is reused by a new run or a resume alike."""
+        out = self.root
+        self.probe_writable()
         record = self.finished_record()
         if record is not None and not resume:
             raise RunError(f"--out {out}: a finished run is already there; choose another --out")
-        if out.exists() and any(out.iterdir()) and not resume:
-            raise RunError(f"--out {out}: directory is not empty (an interrupted run?); pass --resume or another --out")
-        if resume and record is None and not self.checkpoint.exists() and not self.config.exists():
-            raise RunError(f"--resume: no interrupted run in {out}; start a new run without --resume")
-        if resume and record is not None:
+        if record is not None:
             if not record.get("checkpoint_kept"):
                 self.remove_secrets()  # a crash after the record was written may have left the seed behind
+            self.clean_temp()
             return record
-        parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise RunError(f"--out {out}: {parent} is not writable; choose another --out")
+        # an earlier attempt that was killed before it started (folders, run_id, temp files; nothing else)
+        unstarted = out.is_dir() and any(out.iterdir()) and not self.started() and self.only_skeleton()
+        if out.exists() and any(out.iterdir()) and not resume and not unstarted:
+            raise RunError(f"--out {out}: directory is not empty (an interrupted run?); pass --resume or another --out")
+        if resume and not self.started() and not unstarted:
+            raise RunError(f"--resume: no interrupted run in {out}; start a new run without --resume")
+        self.clean_temp()
         return None
 
     def remove_secrets(self) -> None:
@@ -138,10 +195,15 @@ class RunDir:
         self.private.mkdir(parents=True, exist_ok=True)
 
     def read_state(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.state.read_text())
-        except FileNotFoundError:
+        if not self.state.exists():
             return None
+        from accounting.atomic import read_json
+
+        state = read_json(self.state, RunError, "run state")
+        if not isinstance(state, dict) or "unit_count" not in state:
+            raise RunError(f"run state: {self.state} is not dptrain run state (no unit_count); the file was edited: "
+                           "restore it or start a new run")
+        return state
 
     def run_id(self) -> str | None:
         try:
@@ -240,7 +302,9 @@ class Session:
         self.dist = dist or LOCAL
         self.keep_checkpoint = keep_checkpoint
         self.config_text = dump_recipe(recipe)
-        self.finished = self.dist.on_main(lambda: self.rd.check(resume))
+        self._lock_fd: int | None = None
+        self._created = False
+        self._created_top: Path | None = None
         self.count: UnitCount | None = None
         self.plan: PrivacyPlan | None = None
         self.budget = None
@@ -251,6 +315,76 @@ class Session:
         self.checkpoint: dict[str, Any] | None = None
         self.state: dict[str, Any] = {}
         self.metrics: list[dict[str, Any]] = []
+        self.finished = self.dist.on_main(self._open)
+
+    def _open(self) -> dict[str, Any] | None:
+        """Rank 0: check --out, create it and hold an exclusive lock on it (flock on the directory) for the
+        session's lifetime, so a second process on the same --out gets one line and exits."""
+        import fcntl
+
+        rd = self.rd
+        rd.probe_writable()
+        self._created = not rd.root.exists()
+        # the topmost folder this session creates (--out may name missing parents): removed again on a refusal
+        self._created_top = next((q for q in reversed([rd.root, *rd.root.parents]) if not q.exists()), None)
+        rd.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(rd.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunError(f"--out {rd.root}: another dptrain process is using this run directory; wait for it to "
+                           "finish (then --resume if it was interrupted) or choose another --out") from None
+        self._lock_fd = fd
+        try:
+            finished = rd.check(self.resume)
+        except BaseException:
+            self.abandon()
+            raise
+        if finished is not None:
+            self.close()
+        return finished
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        """``with Session(...) as session:`` -- on leaving (an error, Ctrl-C, or done) undo an attempt that never
+        started (:meth:`abandon`) and release the lock."""
+        self.abandon()  # keeps a started run (for --resume); undoes an attempt that never started
+
+    def close(self) -> None:
+        """Release the run directory's lock (also released when the process exits)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def abandon(self) -> None:
+        """After a refusal (rank 0): if nothing started (no config, state, checkpoint or record), cancel this
+        attempt's budget reservation, remove what it created (its run_id, the empty folders, --out itself if
+        this session created it) and release the lock -- a refused run leaves nothing. A started run is kept
+        for --resume."""
+        if not self.dist.is_main:
+            return
+        rd = self.rd
+        try:
+            if rd.root.is_dir() and not rd.started() and rd.only_skeleton():
+                if self.budget is not None and self.run_id is not None:
+                    self.budget.cancel(self.run_id)
+                rd.clean_temp()
+                rd.run_id_file.unlink(missing_ok=True)
+                for side in (rd.private, rd.release):
+                    if side.is_dir() and not any(side.rglob("*")):
+                        side.rmdir()
+                if self._created and self._created_top is not None:
+                    folder = rd.root
+                    while not any(folder.iterdir()):
+                        folder.rmdir()
+                        if folder == self._created_top:
+                            break
+                        folder = folder.parent
+        finally:
+            self.close()
 
     # ---- before anything is written ----
     def make_plan(self, true_units: int, *, public_extra: int = 0, privacy_unit: str = "example",
@@ -266,6 +400,10 @@ class Session:
                                    "and --set overrides as the original run")
                 state = self.rd.read_state()
                 if state is not None:
+                    if state.get("recipe_sha256") not in (None, recipe_hash(self.config_text)):
+                        raise RunError(f"--resume: the recipe differs from the one {self.rd.state} recorded when the "
+                                       "run started (config.yaml was changed or removed); resume with the original "
+                                       "recipe and --set overrides, or start a new run")
                     return state
                 if self.rd.checkpoint.exists():  # the released count is gone: a new draw would be a second release
                     raise RunError(f"--resume: {self.rd.state} is missing next to a checkpoint; the run cannot be "
@@ -292,7 +430,11 @@ class Session:
         """Charge the dataset budget (if the dataset has one, or the recipe declares one): refuses a run that
         would overspend it, writing nothing. Rank 0 only."""
         def reserve():
-            run_id = (self.rd.run_id() if self.resume else None) or f"{self.rd.root.name}-{uuid.uuid4().hex[:12]}"
+            # the run id is persisted before the reservation, so an attempt killed after reserving is charged
+            # once: its rerun in this --out (resume or a fresh start of the unstarted directory) reuses the id
+            run_id = self.rd.run_id() or f"{self.rd.root.name}-{uuid.uuid4().hex[:12]}"
+            self.rd.make()
+            atomic_write_bytes(self.rd.run_id_file, run_id.encode())
             try:
                 budget = acc.reserve_run(dataset_id, run_id, self.plan.planned_ledger(), delta=self.plan.delta,
                                          declared_epsilon=self.recipe.privacy.dataset_budget)
@@ -313,8 +455,14 @@ class Session:
             from dptrain.trainers.checkpoint import CheckpointError, load_checkpoint
 
             rd.make()
+            if self.resume and not rd.config.exists():  # deleted; make_plan checked the recipe against state.json
+                atomic_write_bytes(rd.config, self.config_text.encode())
             if self.resume and rd.checkpoint.exists():
-                return load_checkpoint(rd.checkpoint), self.state, None
+                ckpt = load_checkpoint(rd.checkpoint)
+                if ckpt.get("recipe_sha256") != recipe_hash(self.config_text):
+                    raise RunError(f"--resume: {rd.checkpoint} was written by another recipe (its recipe hash differs "
+                                   "from this run's); resume with the original recipe, or start a new run")
+                return ckpt, self.state, None
             if self.resume and (rd.private / LEGACY_CHECKPOINT).exists():  # never unpickled, never silently redone
                 raise CheckpointError(f"checkpoint {rd.private / LEGACY_CHECKPOINT}: written by an older dptrain in the "
                                       "torch/pickle format, which is no longer loaded; refusing to load it: finish the "
@@ -323,6 +471,7 @@ class Session:
             if fresh_state is not None and not (self.resume and "fresh" in state):
                 state.update(fresh_state())
             state["fresh"] = True
+            state["recipe_sha256"] = recipe_hash(self.config_text)
             atomic_write_bytes(rd.config, self.config_text.encode())
             atomic_write_bytes(rd.run_id_file, (self.run_id or f"{rd.root.name}-{uuid.uuid4().hex[:12]}").encode())
             atomic_write_json(rd.state, jsonable(state))
@@ -367,6 +516,7 @@ class Session:
         def save(done: int) -> None:
             save_checkpoint(rd.checkpoint, {
                 "trainer": trainer.state_dict(), "ledger": json.dumps(ledger.to_dict()), "step": done,
+                "recipe_sha256": recipe_hash(self.config_text),
                 "dp_seed": self.dp_seed, "metrics": json.dumps(metrics)})
             ledger.save(rd.ledger)
             atomic_write_bytes(rd.metrics, "".join(json.dumps(m) + "\n" for m in metrics).encode())

@@ -119,13 +119,20 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed:
 def _train(recipe: Recipe, out: Path, dist, *, resume: bool, dp_seed: int | None, progress: bool,
            checkpoint_every: int | None, keep_checkpoint: bool) -> RunResult:
     """``train`` on every rank. Each ``dist.on_main`` step (the file system) runs on rank 0 only and ends
-    with a broadcast of its result or error; the rest is deterministic and the same on every rank."""
+    with a broadcast of its result or error; the rest is deterministic and the same on every rank. The session
+    holds --out's lock throughout; a refusal before the run started leaves nothing behind."""
+    with Session(recipe, out, resume=resume, dist=dist, keep_checkpoint=keep_checkpoint) as session:
+        if session.finished is not None:
+            return RunResult(out, session.finished)
+        return _train_session(session, recipe, out, dist, resume=resume, dp_seed=dp_seed, progress=progress,
+                              checkpoint_every=checkpoint_every)
+
+
+def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume: bool, dp_seed: int | None,
+                   progress: bool, checkpoint_every: int | None) -> RunResult:
     from dptrain.data.identity import dataset_identity
     from dptrain.release import save_release_model
 
-    session = Session(recipe, out, resume=resume, dist=dist, keep_checkpoint=keep_checkpoint)
-    if session.finished is not None:
-        return RunResult(out, session.finished)
     rd = session.rd
 
     # ---- validate everything before writing anything ----
@@ -217,17 +224,26 @@ def _train(recipe: Recipe, out: Path, dist, *, resume: bool, dp_seed: int | None
 def audit_run(out_dir: str | Path) -> dict[str, Any]:
     """Re-run the audit of a finished run from its released model and private canaries; rewrites
     private/audit.json and the record's audit summary."""
-    import yaml
-
-    from dptrain.config import parse_recipe
+    from dptrain.config import load_recipe
+    from dptrain.lifecycle import recipe_hash
     from dptrain.release import ReleaseError, load_model
 
     rd = RunDir(out_dir)
+    if not rd.root.is_dir():
+        raise RunError(f"audit: {rd.root} is not a run directory; give the --out of a finished `dptrain train` run")
     record = rd.finished_record()
     if record is None:
         raise RunError(f"{rd.root}: no private/record.json (not a finished `dptrain train` run); give the --out of a "
                        "finished run, or finish it with --resume first")
-    recipe = parse_recipe(yaml.safe_load(rd.config.read_text()))
+    if not rd.config.is_file():
+        raise RunError(f"audit: {rd.config} is missing; restore the run's recipe (it is part of release/)")
+    state = rd.read_state()
+    text = rd.config.read_bytes().decode("utf-8", errors="replace")
+    if state is None or state.get("recipe_sha256") != recipe_hash(text):
+        raise RunError(f"audit: {rd.config} differs from the recipe the run was trained with (recorded in "
+                       f"{rd.state}); restore the original config.yaml -- an audit on another split or seed would "
+                       "not audit this run")
+    recipe = load_recipe(rd.config)
     try:
         model = load_model(rd.root / record.get("model_files", "release"))
     except ReleaseError as err:

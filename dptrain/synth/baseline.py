@@ -60,15 +60,16 @@ def dp_text_classifier(out_dir: str | Path, train_texts, train_y, test_texts, te
     rd = RunDir(out_dir)
     recipe = baseline_recipe(epsilon=epsilon, delta=delta, seed=seed, released_units=released_units,
                              dataset_budget=dataset_budget, epochs=epochs, batch_size=batch_size)
-    session = Session(recipe, rd.root, resume=resume and rd.root.exists(), command="dp-baseline", data_parallel=False)
-    record = session.finished
-    if record is None:
-        try:
-            record = _train(session, train_texts, train_y, test_texts, test_y, dataset_id=dataset_id,
-                            n_features=n_features, progress=progress)
-        except ValueError:
-            rd.remove_secrets()  # the synth run records the failure and finishes: no seed may stay behind
-            raise
+    with Session(recipe, rd.root, resume=resume and rd.root.exists(), command="dp-baseline",
+                 data_parallel=False) as session:
+        record = session.finished
+        if record is None:
+            try:
+                record = _train(session, train_texts, train_y, test_texts, test_y, dataset_id=dataset_id,
+                                n_features=n_features, progress=progress)
+            except ValueError:
+                rd.remove_secrets()  # the synth run records the failure and finishes: no seed may stay behind
+                raise
     p = record["privacy"]
     test = record["metrics"]["test"]
     return {"accuracy": test["accuracy"], "auroc": test["auroc"], "epsilon": p["epsilon"], "delta": p["delta"],
