@@ -199,3 +199,54 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, kind
     assert "--out" in _one_line(capsys)
     assert f.read_text() == "x" and not Path("/proc/dptrain-test-run").exists()
     assert RunDir(tmp_path).root.exists()
+
+
+# ---------------------------------------------------------------- a killed sweep leaves no worker training
+
+_SWEEP = """
+import sys
+from dptrain.config import load_recipe
+from dptrain.report.sweep import run_sweep
+run_sweep(load_recipe(sys.argv[1], ["training.epochs=400", "model.hidden=[8]", "privacy.dataset_size=1604"]),
+          sys.argv[2], epsilons=[1.0], seeds=1, jobs=1)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_killing_a_sweep_kills_its_workers(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _SWEEP, str(RECIPE), str(tmp_path / "sweep")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.monotonic()
+        while not list((tmp_path / "sweep").glob("runs/*/release/config.yaml")):  # a worker is training
+            assert proc.poll() is None and time.monotonic() - t0 < 120, "the sweep never started a point"
+            time.sleep(0.1)
+        workers = [c for c in _children(proc.pid) if "python" in Path(f"/proc/{c}/cmdline").read_text(errors="ignore")]
+        assert workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        t0 = time.monotonic()
+        while any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]
+                  for w in workers):
+            assert time.monotonic() - t0 < 20, "a worker kept training after its sweep was killed"
+            time.sleep(0.1)
+    finally:
+        proc.kill()

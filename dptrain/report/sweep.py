@@ -207,6 +207,24 @@ def _limit_threads(threads: int) -> None:
         pass
 
 
+def die_with_parent() -> None:
+    """Worker initializer (Linux): the kernel kills this worker when the sweep process dies (PR_SET_PDEATHSIG),
+    so a killed sweep leaves no point training behind. Elsewhere a no-op: a rerun then meets a worker still
+    holding its run directory's lock and records that point as failed (never two writers in one directory)."""
+    import ctypes
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call: nothing would notify us
+        os._exit(1)
+
+
 def run_point(recipe_yaml: str, run_dir: str, threads: int) -> dict[str, Any]:
     """Train one point; never raises (a failure is returned as status 'failed' with the error)."""
     import yaml
@@ -320,7 +338,7 @@ def _run_local(tasks, *, jobs, threads, address, on_done, say) -> None:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = mp.get_context("spawn")  # torch and jax are not fork-safe
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=die_with_parent) as pool:
         pending = {pool.submit(run_point, text, run_dir, threads): p for p, text, run_dir in tasks}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
