@@ -29,6 +29,8 @@ class ImageConfig(_Strict):
         None, description="declared input intensity range [low, high] mapped to [0, 1] (default [0, 255] for "
                           "8-bit PNG/JPEG); never computed from the data")
     path_column: str = Field("path", description="manifest column holding image paths (relative to the manifest)")
+    allow_outside: bool = Field(False, description="read manifest paths that resolve outside the manifest's folder "
+                                                   "('..', absolute paths, symbolic links); default: refused")
 
     @field_validator("intensity")
     @classmethod

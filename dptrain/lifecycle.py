@@ -594,6 +594,7 @@ class Session:
         atomic_write_json(rd.record, written)
         if not self.keep_checkpoint:
             rd.remove_secrets()
+        rd.clean_temp()
         return written
 
 

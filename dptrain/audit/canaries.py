@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from accounting.atomic import atomic_write_bytes
+from dptrain.data.core import DataError
 
 FILE = "canaries.npz"
 
@@ -63,9 +64,54 @@ def save_canaries(path: str | Path, c: Canaries) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def load_canaries(path: str | Path) -> Canaries:
-    with np.load(Path(path), allow_pickle=False) as z:
-        return Canaries(z["x"].astype(np.float32), z["y"].astype(np.int64), z["included"].astype(bool))
+class CanaryFileError(DataError):
+    """``canaries.npz`` is missing or not a canary file of dptrain; the message names the file and what is wrong."""
+
+
+_FIX = ("restore the run's private/ folder from a backup (the coins cannot be recreated), or train a new run; "
+        "never edit the file by hand")
+
+
+def load_canaries(path: str | Path, *, count: int | None = None, shape: tuple[int, ...] | None = None,
+                  num_classes: int | None = None) -> Canaries:
+    """The canaries of ``path`` (written by :func:`save_canaries`), checked: arrays ``x`` (M, ...) of numbers,
+    ``y`` (M,) of integer classes >= 0, ``included`` (M,) of booleans; and, where given, M == ``count`` (the
+    recipe's ``privacy.audit.canaries``), ``x.shape[1:] == shape`` (one encoded example) and ``y < num_classes``.
+    Never unpickles. Raises :class:`CanaryFileError` (one line naming the file) for a missing, truncated or
+    foreign file."""
+    path = Path(path)
+    if path.is_dir():
+        raise CanaryFileError(f"{path}: is a directory, not the run's canary file; {_FIX}")
+    if not path.is_file():
+        raise CanaryFileError(f"{path}: missing (the run was trained with privacy.audit.canaries, whose secret "
+                              f"coins it holds); {_FIX}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            absent = [k for k in ("x", "y", "included") if k not in z.files]
+            if absent:
+                raise CanaryFileError(f"{path}: not a canary file of dptrain (no array {absent[0]!r}); {_FIX}")
+            x, y, included = z["x"], z["y"], z["included"]
+    except CanaryFileError:
+        raise
+    except Exception as err:  # truncated or corrupt zip, a pickled object array, not an .npz at all
+        what = ("holds object arrays (pickled Python objects), which are never loaded"
+                if "allow_pickle" in str(err) else f"is truncated or not an .npz file ({type(err).__name__})")
+        raise CanaryFileError(f"{path}: {what}; {_FIX}") from None
+    m = y.shape[0] if y.ndim == 1 else -1
+    ok = (m >= 0 and x.ndim >= 2 and x.shape[0] == m and included.shape == (m,)
+          and np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.integer)
+          and included.dtype == np.bool_ and (m == 0 or y.min() >= 0))
+    if not ok:
+        raise CanaryFileError(f"{path}: the arrays do not describe one set of canaries (x (M, features...), "
+                              f"y (M,) class indices, included (M,) booleans); {_FIX}")
+    if count is not None and m != count:
+        raise CanaryFileError(f"{path}: holds {m} canaries, but the recipe's privacy.audit.canaries is {count}; {_FIX}")
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise CanaryFileError(f"{path}: its canaries have shape {tuple(x.shape[1:])}, the model's inputs "
+                              f"{tuple(shape)}; {_FIX}")
+    if num_classes is not None and m and y.max() >= num_classes:
+        raise CanaryFileError(f"{path}: its canaries have labels outside the model's {num_classes} classes; {_FIX}")
+    return Canaries(x.astype(np.float32), y.astype(np.int64), included.astype(bool))
 
 
 def canary_losses(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -74,4 +120,4 @@ def canary_losses(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     return -np.log(p)
 
 
-__all__ = ["FILE", "Canaries", "canary_losses", "load_canaries", "make_canaries", "save_canaries"]
+__all__ = ["FILE", "CanaryFileError", "Canaries", "canary_losses", "load_canaries", "make_canaries", "save_canaries"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -71,6 +72,70 @@ def _canon(v: Any) -> str:
     if isinstance(v, float | np.floating) and math.isfinite(v) and float(v).is_integer():
         return str(int(v))
     return str(v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a table file (tables, image manifests, text records, records to score)
+# --------------------------------------------------------------------------------------------------
+
+_SNIFF_BYTES = 1 << 16
+
+
+def read_text_file(path: Path, field_name: str, what: str) -> str:
+    """The UTF-8 text of ``path`` (a file the caller checked exists); one :class:`DataError` naming the file for
+    an empty, binary or non-UTF-8 file. Never quotes the file's content or a position in it."""
+    shown = repr(str(path))
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise _error(field_name, f"{shown} is empty", f"give a {what} with a header row and records")
+    if b"\x00" in raw[:_SNIFF_BYTES]:
+        raise _error(field_name, f"{shown} holds binary data, not {what} text", f"give a UTF-8 text {what}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise _error(field_name, f"{shown} is not UTF-8 text", f"save the {what} as UTF-8") from None
+
+
+def read_table(path: str | Path, field_name: str = "data.source", what: str = "CSV / Parquet table") -> pd.DataFrame:
+    """The CSV / Parquet file at ``path`` (the caller checked the suffix and that it is a file) as a frame.
+
+    One :class:`DataError` naming ``field_name`` and the file for: an empty file, a binary or non-UTF-8 CSV, a
+    file the reader refuses (its message is not shown: it may quote the data), a header without records, and
+    duplicate column names (pandas silently renames a second ``x`` to ``x.1``, so they are found in the raw
+    header). Messages quote no count, row number or value of the data."""
+    path = Path(path).expanduser()
+    shown = repr(str(path))
+    csv = path.suffix.lower() != ".parquet"
+    try:
+        with path.open("rb") as f:
+            head = f.read(_SNIFF_BYTES)
+        if not head.strip():
+            raise _error(field_name, f"{shown} is empty", f"give a {what} with a header row and records")
+        if csv and b"\x00" in head:
+            raise _error(field_name, f"{shown} holds binary data, not CSV text", "give a UTF-8 text CSV file")
+        if csv:
+            header = [str(c) for c in pd.read_csv(path, header=None, nrows=1, dtype=str,
+                                                   keep_default_na=False).iloc[0].tolist()]
+            frame = pd.read_csv(path)
+        else:
+            frame = pd.read_parquet(path)
+            header = [str(c) for c in frame.columns]
+    except DataError:
+        raise
+    except UnicodeDecodeError:
+        raise _error(field_name, f"{shown} is not UTF-8 text", "save the CSV file as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise _error(field_name, f"{shown} is empty", f"give a {what} with a header row and records") from None
+    except Exception as exc:  # any reader failure becomes one clear line
+        raise _error(field_name, f"could not read {shown} ({_reader_failure(exc)})",
+                     f"check that the file is a valid {what}") from None
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        raise _error(field_name, f"{shown} has duplicate column names {_few(dup)}",
+                     "give every column a unique name in the header row")
+    if len(frame) == 0:
+        raise _error(field_name, f"{shown} has a header but no records", f"give a {what} with records")
+    return frame
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,3 +284,49 @@ def _assemble(cfg: DataConfig, x: np.ndarray, y: np.ndarray, classes: list[str],
         source=cfg.source, preprocessing=preprocessing,
         x_val=x[val], y_val=y[val], sensitive_val=sensitive.loc[val].reset_index(drop=True),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Can it train a classifier? (a public rule, checked before anything is trained or written)
+# --------------------------------------------------------------------------------------------------
+
+MIN_TRAIN_UNITS = 8
+TRAINABLE_RULE = (f"at least {MIN_TRAIN_UNITS} privacy units in the training split, and every class in the training, "
+                  "validation and test splits")
+
+
+def check_trainable(*, y_train: np.ndarray, y_test: np.ndarray, y_val: np.ndarray, num_units: int,
+                    classes: Sequence[str], source: str) -> None:
+    """Refuse data that cannot train and test a classifier, by the public rule :data:`TRAINABLE_RULE`: a label with
+    fewer than two classes, too few training units, a class missing from the training split, or a test (or a
+    non-empty validation) split without every class (its AUROC would be undefined). Raises :class:`DataError`;
+    the message says "too few" and "fewer than two", never a count or which class is absent."""
+    k = len(classes)
+    y_all = np.concatenate([np.asarray(y, np.int64).ravel() for y in (y_train, y_val, y_test)])
+    if len(np.unique(y_all)) < 2:
+        raise _error("data.label", f"the label of {source!r} takes fewer than two classes in the data, so no "
+                     "classifier can be trained or tested", "check data.label, data.positive_label and "
+                     "data.classes against the file (a classifier needs records of at least two classes)")
+    if num_units < MIN_TRAIN_UNITS:
+        raise _error("data.source", f"{source!r} has too few privacy units for training (the rule: {TRAINABLE_RULE})",
+                     "use more data, or a smaller data.test_fraction / data.validation_fraction")
+    what = "fewer than two classes" if k == 2 else f"not every class of {list(classes)}"
+    for name, y, field_name, fix in (
+            ("training", y_train, "data.label", "use more data, declare only classes the data holds (data.classes), "
+                                                "or another data.split_seed"),
+            ("test", y_test, "data.test_fraction", "use more data or a larger data.test_fraction"),
+            ("validation", y_val, "data.validation_fraction", "use more data or a larger data.validation_fraction")):
+        if name == "validation" and len(y) == 0:
+            continue
+        if len(np.unique(np.asarray(y, np.int64))) < k:
+            raise _error(field_name, f"the {name} split of {source!r} has {what} (the rule: {TRAINABLE_RULE})", fix)
+
+
+def check_split_trainable(cfg: DataConfig, y: np.ndarray, unit_keys: np.ndarray, classes: Sequence[str], *,
+                          seed: int) -> None:
+    """:func:`check_trainable` on the split of ``unit_keys`` that :func:`_assemble` will make, before the costly
+    part of loading (e.g. reading the pixels of every image)."""
+    test, val = _split3(unit_keys, cfg.test_fraction, cfg.validation_fraction, seed)
+    train = ~(test | val)
+    check_trainable(y_train=y[train], y_test=y[test], y_val=y[val], num_units=len(np.unique(unit_keys[train])),
+                    classes=classes, source=cfg.source)

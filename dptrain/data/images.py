@@ -5,6 +5,12 @@ A **manifest** (``.csv`` / ``.parquet``, needs ``data.image``) has one row per i
 patient column (``data.privacy_unit``) and sensitive attributes (``data.sensitive``). PNG / JPEG / BMP,
 DICOM and NIfTI files are read with ``monai.transforms.LoadImage`` (:mod:`dptrain.data.pixels`).
 
+**Paths are confined to the manifest's folder** by default: every entry, relative or absolute, is resolved
+('..' and every symbolic link followed) and must lie inside the manifest's (resolved) folder or a subfolder;
+an entry that escapes it (``../x.png``, ``/elsewhere/x.png``, a link pointing outside) is refused before any
+pixel is read, and the resolved path is the one read. A recipe that means to read images elsewhere opts out
+with ``data.image.allow_outside: true`` (paths are then used as written, relative ones from the folder).
+
 It is one of three image sources; :func:`dptrain.data.load.load_images` picks the source (manifest, a
 MedMNIST ``.npz``: :mod:`dptrain.data.medmnist`, or a built-in: :mod:`dptrain.data.image_builtins`) and
 returns the same :class:`~dptrain.data.core.TabularData` container as tables, with ``x_*`` float32 of shape
@@ -39,7 +45,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from dptrain.data.core import TabularData, _assemble, _canon, _error, _reader_failure
+from dptrain.data.core import (
+    TabularData,
+    _assemble,
+    _canon,
+    _error,
+    _reader_failure,
+    check_split_trainable,
+    read_table,
+)
 from dptrain.data.labels import GENERIC_DERIVED, _encode_label, _sensitive_frame
 from dptrain.data.pixels import (
     _CHANNELS,
@@ -73,20 +87,36 @@ def _read_manifest(source: str) -> tuple[pd.DataFrame, Path]:
         raise _error("data.source", f"{source!r} is neither builtin:NAME, a .npz file nor a .csv / .parquet "
                      "manifest", "list the images in a CSV manifest (one row per image: path, label, ...), "
                      f"or use one of: {', '.join('builtin:' + n for n in IMAGE_BUILTINS)}")
+    if path.is_dir():
+        raise _error("data.source", f"{str(path)!r} is a directory, not a manifest",
+                     "give the path of a .csv / .parquet manifest (one row per image: path, label, ...)")
     if not path.is_file():
         raise _error("data.source", f"no manifest at {str(path)!r}",
                      "check the path (relative paths are taken from the working directory)")
-    try:
-        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
-    except Exception as exc:  # any reader failure becomes one clear line
-        raise _error("data.source", f"could not read {str(path)!r} ({_reader_failure(exc)})",
-                     "check that the manifest is a valid CSV / Parquet table") from None
+    frame = read_table(path, "data.source", "CSV / Parquet manifest")
     return frame, path.resolve().parent
 
 
 def _entry(raw: str, source: str) -> str:
     """Where a manifest entry is: its path as written in the manifest (never a row number)."""
     return f"the image {raw!r} listed in {source}"
+
+
+def _image_path(raw: str, folder: Path, source: str, allow_outside: bool) -> Path:
+    """The file of a manifest entry: relative paths are taken from the manifest's (resolved) ``folder``. Unless
+    ``allow_outside``, the path with '..' and every symbolic link resolved must lie inside ``folder`` (absolute
+    paths too), and the resolved path is the one read."""
+    p = Path(raw).expanduser()
+    p = p if p.is_absolute() else folder / p
+    if allow_outside:
+        return p
+    real = p.resolve()
+    if not real.is_relative_to(folder):
+        raise _error("data.image.path_column", f"{_entry(raw, source)} is outside the manifest's folder "
+                     f"{str(folder)!r} (after resolving '..' and symbolic links)",
+                     "move the images into the manifest's folder (or a subfolder of it), or set "
+                     "data.image.allow_outside: true to read images anywhere")
+    return real
 
 
 def _patient_warning(frame: pd.DataFrame, paths: Sequence[Path], formats: Sequence[str]) -> str | None:
@@ -111,7 +141,9 @@ def _dicom_patient_id(path: Path) -> bool:
     return bool(str(ds.get("PatientID", "") or "").strip())
 
 
-def _load_manifest(cfg: DataConfig, *, seed: int) -> TabularData:
+def _load_manifest(cfg: DataConfig, *, seed: int, check: bool = False) -> TabularData:
+    """The manifest's images, split by unit. ``check``: refuse data that cannot train a classifier
+    (:func:`~dptrain.data.core.check_trainable`) before any pixel is read."""
     if cfg.image is None:
         raise _error("data.image", f"{cfg.source!r} is read as a table because data.image is not set",
                      "set data.image (e.g. data.image: {size: 64, channels: 1}) to read it as a manifest of "
@@ -145,8 +177,7 @@ def _load_manifest(cfg: DataConfig, *, seed: int) -> TabularData:
     # Resolve and check every path before reading any pixels.
     raws, paths, formats = frame[image.path_column].astype(str).tolist(), [], []
     for raw in raws:
-        p = Path(raw).expanduser()
-        p = p if p.is_absolute() else folder / p
+        p = _image_path(raw, folder, cfg.source, image.allow_outside)
         fmt = _format(p)
         if fmt is None:
             raise _error("data.image.path_column", f"{_entry(raw, cfg.source)} is not a supported image file",
@@ -168,6 +199,12 @@ def _load_manifest(cfg: DataConfig, *, seed: int) -> TabularData:
         intensity, origin = (float(image.intensity[0]), float(image.intensity[1])), FROM_RECIPE
 
     y, classes, label_info = _encode_label(frame, cfg.label, cfg.positive_label, None, cfg.classes)
+    if cfg.privacy_unit is None:
+        unit_keys = np.arange(len(frame))
+    else:
+        unit_keys = frame[cfg.privacy_unit].map(_canon).to_numpy(dtype=str)
+    if check:  # before any pixel is read
+        check_split_trainable(cfg, y, unit_keys, classes, seed=seed)
     sens, sensitive_info = _sensitive_frame(frame, sensitive, GENERIC_DERIVED)
 
     warning = _patient_warning(frame, paths, formats) if cfg.privacy_unit is None else None
@@ -190,10 +227,6 @@ def _load_manifest(cfg: DataConfig, *, seed: int) -> TabularData:
             volumes |= raw.volume
             x[i] = post(raw.pixels, _entry(raws[i], cfg.source))
 
-    if cfg.privacy_unit is None:
-        unit_keys = np.arange(len(frame))
-    else:
-        unit_keys = frame[cfg.privacy_unit].map(_canon).to_numpy(dtype=str)
     used_formats = sorted(set(formats))
     notes = []
     if volumes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dptrain.data.core import TabularData, _error, split_seed
+from dptrain.data.core import TabularData, _error, check_trainable, split_seed
 from dptrain.data.image_builtins import _load_builtin
 from dptrain.data.images import _load_manifest
 from dptrain.data.medmnist import _load_medmnist
@@ -35,17 +35,30 @@ def is_image_source(cfg: DataConfig) -> bool:
             or cfg.source.lower().endswith(".npz"))
 
 
-def load_data(cfg: DataConfig, *, seed: int | None = None) -> TabularData:
-    """Load images (:func:`load_images`) or a table (:func:`~dptrain.data.tabular.load_tabular`).
+def load_data(cfg: DataConfig, *, seed: int | None = None, check: bool = True) -> TabularData:
+    """Load images (:func:`load_images`) or a table (:func:`~dptrain.data.tabular.load_tabular`): what the
+    commands that train (and audit) read.
 
-    The split uses ``cfg.split_seed`` unless ``seed`` is given explicitly; never pass the training seed."""
-    return load_images(cfg, seed=seed) if is_image_source(cfg) else load_tabular(cfg, seed=seed)
+    The split uses ``cfg.split_seed`` unless ``seed`` is given explicitly; never pass the training seed.
+    ``check`` (default): refuse data that cannot train and test a classifier by the public rule of
+    :func:`~dptrain.data.core.check_trainable` (a label with fewer than two classes, too few training units, a
+    class missing from a split), with a :class:`DataError` that quotes no count; image manifests are checked
+    before any pixel is read."""
+    if is_image_source(cfg):
+        data = load_images(cfg, seed=seed, check=check)
+    else:
+        data = load_tabular(cfg, seed=seed)
+    if check:
+        check_trainable(y_train=data.y_train, y_test=data.y_test, y_val=data.y_val, num_units=data.num_units,
+                        classes=data.classes, source=cfg.source)
+    return data
 
 
-def load_images(cfg: DataConfig, *, seed: int | None = None) -> TabularData:
+def load_images(cfg: DataConfig, *, seed: int | None = None, check: bool = False) -> TabularData:
     """Read, preprocess (declared facts only) and split the image data described by ``cfg``.
 
     The split uses ``cfg.split_seed`` unless ``seed`` is given explicitly (MedMNIST: the official split).
+    ``check``: refuse a manifest that cannot train a classifier before reading its pixels (see :func:`load_data`).
 
     Raises :class:`DataError` (one line: field, value, fix) for any unusable declaration or file; warns
     (``UserWarning``) when a manifest looks like it has patient ids but ``data.privacy_unit`` is not set.
@@ -63,7 +76,7 @@ def load_images(cfg: DataConfig, *, seed: int | None = None) -> TabularData:
         return _load_builtin(cfg, IMAGE_BUILTINS[name], seed=seed)
     if cfg.source.lower().endswith(".npz"):
         return _load_medmnist(cfg, seed=seed)
-    return _load_manifest(cfg, seed=seed)
+    return _load_manifest(cfg, seed=seed, check=check)
 
 
 __all__ = ["is_image_source", "load_data", "load_images"]

@@ -49,10 +49,10 @@ from dptrain.data.core import (
     _canon,
     _error,
     _few,
-    _reader_failure,
     _split3,
     _train_units,
     _words,
+    read_table,
     split_info,
     split_seed,
 )
@@ -76,16 +76,13 @@ def _read_file(source: str) -> pd.DataFrame:
         raise _error("data.source", f"{source!r} is neither builtin:NAME nor a .csv / .parquet file",
                      f"convert the file to CSV or Parquet, or use one of: "
                      f"{', '.join('builtin:' + n for n in BUILTIN_DATASETS)}")
+    if path.is_dir():
+        raise _error("data.source", f"{str(path)!r} is a directory, not a table file",
+                     "give the path of a .csv / .parquet file")
     if not path.is_file():
         raise _error("data.source", f"no file at {str(path)!r}",
                      "check the path (relative paths are taken from the working directory)")
-    try:
-        if path.suffix.lower() == ".csv":
-            return pd.read_csv(path)
-        return pd.read_parquet(path)
-    except Exception as exc:  # any reader failure becomes one clear line
-        raise _error("data.source", f"could not read {str(path)!r} ({_reader_failure(exc)})",
-                     "check that the file is a valid CSV / Parquet table") from None
+    return read_table(path, "data.source")
 
 
 @dataclass

@@ -34,7 +34,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from dptrain.data.core import FROM_RECIPE, DataError, _canon, _error, _few, _reader_failure, _split3
+from dptrain.data.core import (
+    FROM_RECIPE,
+    DataError,
+    _canon,
+    _error,
+    _few,
+    _reader_failure,
+    _split3,
+    check_trainable,
+    read_table,
+    read_text_file,
+)
 from dptrain.data.labels import declared_classes
 from dptrain.data.registry import IU_XRAY, IU_XRAY_CLASSES
 
@@ -99,22 +110,37 @@ def read_iu_xray_reports(path: str | Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "text", "label"]).sort_values("id", key=lambda s: s.astype(str))
 
 
+_JSONL_FIX = "one JSON object per line, e.g. {\"text\": \"...\", \"label\": \"normal\"}"
+
+
+def _read_jsonl(path: Path, source: str) -> pd.DataFrame:
+    rows = []
+    for line in read_text_file(path, "data.source", "JSON Lines file").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise _error("data.source", f"{source} is not valid JSON Lines ({_reader_failure(err)})",
+                         _JSONL_FIX) from None
+        if not isinstance(row, dict):
+            raise _error("data.source", f"{source} is not JSON Lines of records (a line holds a JSON "
+                         f"{type(row).__name__}, not an object)", _JSONL_FIX)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _read_records(source: str, text_column: str, label_column: str) -> pd.DataFrame:
     path = Path(source)
+    if path.is_dir():
+        raise _error("data.source", f"{source} is a directory, not a file",
+                     "give a .csv or .jsonl file with text and label columns")
     if not path.exists():
         raise _error("data.source", f"no file at {source}", "give a .csv or .jsonl file with text and label columns")
     if path.suffix == ".csv":
-        try:
-            frame = pd.read_csv(path)
-        except Exception as exc:  # any reader failure becomes one clear line
-            raise _error("data.source", f"could not read {source} ({_reader_failure(exc)})",
-                         "check that the file is a valid CSV file") from None
+        frame = read_table(path, "data.source", "CSV file")
     elif path.suffix in (".jsonl", ".json"):
-        try:
-            frame = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
-        except json.JSONDecodeError as err:
-            raise _error("data.source", f"{source} is not valid JSON Lines ({_reader_failure(err)})",
-                         "one JSON object per line, e.g. {\"text\": \"...\", \"label\": \"normal\"}") from None
+        frame = _read_jsonl(path, source)
     else:
         raise _error("data.source", f"{source!r} has suffix {path.suffix!r}", "use a .csv or .jsonl file")
     for col, field_name in ((text_column, "data.text_column"), (label_column, "data.label")):
@@ -210,5 +236,12 @@ def load_text_from_config(cfg: DataConfig, *, seed: int | None = None) -> TextDa
                      split_seed=cfg.split_seed if seed is None else seed)
 
 
-__all__ = ["IU_XRAY", "IU_XRAY_CLASSES", "DataError", "TextData", "load_text", "load_text_from_config",
-           "read_iu_xray_reports"]
+def check_text_trainable(data: TextData) -> None:
+    """Refuse text records that cannot train and test a classifier (the rule of
+    :func:`~dptrain.data.core.check_trainable`: one record is one privacy unit); quotes no count."""
+    check_trainable(y_train=data.y_train, y_test=data.y_test, y_val=data.y_val, num_units=data.num_units,
+                    classes=data.classes, source=data.source)
+
+
+__all__ = ["IU_XRAY", "IU_XRAY_CLASSES", "DataError", "TextData", "check_text_trainable", "load_text",
+           "load_text_from_config", "read_iu_xray_reports"]

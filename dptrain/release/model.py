@@ -244,18 +244,19 @@ def scores_frame(probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
 
 def _read_table(path: Path) -> tuple[pd.DataFrame, Path]:
     """A CSV / Parquet table and the folder relative image paths are taken from."""
-    from dptrain.data.tabular import DataError, _read_file
+    from dptrain.data.core import DataError, read_table
 
     path = path.expanduser()
     if path.suffix.lower() not in (".csv", ".parquet"):
         raise ReleaseError(f"{path}: expected a .csv or .parquet table of records; convert the file")
+    if path.is_dir():
+        raise ReleaseError(f"{path}: is a directory; give a .csv or .parquet table of records")
     if not path.is_file():
         raise ReleaseError(f"{path}: no such file; check the path")
-    try:
-        frame = _read_file(str(path))
-    except DataError:
-        raise ReleaseError(f"{path}: could not be read as a table; check that it is a valid CSV / Parquet "
-                           "file") from None
+    try:  # empty, binary or non-UTF-8, unreadable, no records, duplicate column names: one line naming the file
+        frame = read_table(path, "--data", "CSV / Parquet table of records")
+    except DataError as err:
+        raise ReleaseError(str(err)) from None
     return frame, path.resolve().parent
 
 

@@ -32,7 +32,6 @@ Statistics (all on the test predictions each run saved; nothing is retrained):
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ import pandas as pd
 import yaml
 
 import accounting as acc
+from accounting.atomic import read_json
 from accounting.statement import PrivacyStatement
 from dptrain.evaluate import fairness as fm
 from dptrain.lifecycle import RunDir, jsonable
@@ -112,41 +112,83 @@ class RunData:
         return (self.backend, self.epsilon)
 
 
+_RERUN = "rerun (or resume) that run, or remove its directory from runs/"
+_SPEC_TYPES = {"points": lambda v: isinstance(v, list) and all(isinstance(p, str) and p and "/" not in p for p in v),
+               "epsilons": lambda v: isinstance(v, list) and all(isinstance(e, str) for e in v),
+               "seeds": lambda v: isinstance(v, list) and all(type(x) is int for x in v),
+               "threshold": lambda v: type(v) in (int, float)}
+
+
+def _read_spec(root: Path) -> dict[str, Any]:
+    path = root / "sweep.json"  # optional: a JSON object whose fields the report uses have the right types
+    spec = read_json(path, ReportError, "sweep spec") if path.exists() else {}
+    bad = [k for k, ok in _SPEC_TYPES.items() if isinstance(spec, dict) and k in spec and not ok(spec[k])]
+    if not isinstance(spec, dict) or bad:
+        what = f"'{bad[0]}' has the wrong type" if bad else f"a JSON {type(spec).__name__}, not an object"
+        raise ReportError(f"sweep spec: {path}: {what} (not written by `dptrain sweep`, or edited); restore it, or "
+                          "delete it to report every run under runs/")
+    return spec
+
+
+def _read_run_files(rd: RunDir) -> tuple[dict[str, Any], RunRecord, int, pd.DataFrame]:
+    """(record as written, typed record, seed, test predictions) of a finished run; one ReportError naming the file
+    for a missing, truncated or foreign record.json, config.yaml or predictions.parquet."""
+    record = read_json(rd.record, ReportError, "run record")
+    try:
+        typed = RunRecord.from_dict(record, str(rd.record))
+    except RecordError as err:
+        raise ReportError(str(err)) from None
+    if not isinstance((record.get("training") or {}).get("backend"), str) or "source" not in typed.data:
+        raise ReportError(f"{rd.record}: not the record of a `dptrain train` run (no training.backend or data.source)"
+                          f"; {_RERUN}")
+    try:
+        cfg = yaml.safe_load(rd.config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ReportError(f"{rd.config}: missing or not valid YAML ({type(err).__name__}); {_RERUN}") from None
+    if not isinstance(cfg, dict) or type(cfg.get("seed")) is not int:
+        raise ReportError(f"{rd.config}: not a dptrain recipe with an integer 'seed'; {_RERUN}")
+    path = rd.private / "predictions.parquet"
+    try:
+        preds = pd.read_parquet(path)
+    except Exception as err:  # missing, truncated or foreign: one line, the reader's message is not quoted
+        raise ReportError(f"{path}: missing or not a readable Parquet file ({type(err).__name__}); {_RERUN}") from None
+    if "score" not in preds:
+        raise ReportError(f"{rd.root}: predictions have no 'score' column; the fairness report covers binary "
+                          "classifiers only")
+    y, score = preds.get("y_true"), preds["score"]
+    if not (len(preds) and y is not None and pd.api.types.is_numeric_dtype(y) and y.isin([0, 1]).all()
+            and pd.api.types.is_float_dtype(score) and score.between(0, 1).all()):
+        raise ReportError(f"{path}: expected a 0/1 'y_true' and a 'score' in [0, 1] per test record (not written by "
+                          f"dptrain, or edited); {_RERUN}")
+    return record, typed, int(cfg["seed"]), preds
+
+
 def load_runs(sweep_dir: str | Path) -> tuple[dict[str, Any], list[RunData], list[dict[str, str]]]:
-    """(sweep spec, finished runs, [{name, status, error}] for points without a record)."""
+    """(sweep spec, finished runs, [{name, status, error}] for points without a record). A missing, truncated or
+    foreign file of a finished run raises ReportError (one line naming the file) before anything is written."""
     root = Path(sweep_dir)
-    spec_path = root / "sweep.json"
-    spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
     runs_dir = root / "runs"
     if not runs_dir.is_dir():
         raise ReportError(f"{root}: no runs/ directory; run `dptrain sweep RECIPE --out {root}` first")
+    spec = _read_spec(root)
     names = spec.get("points") or sorted(p.name for p in runs_dir.iterdir() if p.is_dir())
     runs, missing = [], []
     for name in names:
         rd = RunDir(runs_dir / name)
-        record = rd.finished_record()
-        if record is None:
+        if not rd.record.exists():
             if (rd.root / "record.json").exists():
                 raise ReportError(f"{rd.root}: a run directory of an earlier dptrain (record.json at its top, no "
                                   "release/ and private/ folders, no validation split); rerun the sweep with this "
                                   "dptrain into a new --out")
             fail = root / "failures" / f"{name}.txt"
             missing.append({"name": name, "status": "failed" if fail.exists() else "not run",
-                            "error": fail.read_text().split("\n", 1)[0] if fail.exists() else ""})
+                            "error": fail.read_text(errors="replace").split("\n", 1)[0] if fail.is_file() else ""})
             continue
-        try:
-            statement = RunRecord.from_dict(record, str(rd.record)).privacy
-        except RecordError as err:
-            raise ReportError(str(err)) from None
-        cfg = yaml.safe_load(rd.config.read_text())
-        preds = pd.read_parquet(rd.private / "predictions.parquet")
-        if "score" not in preds:
-            raise ReportError(f"{rd.root}: predictions have no 'score' column; the fairness report covers binary "
-                              "classifiers only")
-        sens = [c for c in preds.columns if c not in ("y_true", "score")]
-        runs.append(RunData(name=name, dir=rd.root, backend=record["training"]["backend"],
-                            epsilon=statement.epsilon if statement.target_epsilon is None else statement.target_epsilon,
-                            seed=int(cfg["seed"]), record=record, preds=preds, sensitive=sens, statement=statement))
+        record, typed, seed, preds = _read_run_files(rd)
+        st, sens = typed.privacy, [c for c in preds.columns if c not in ("y_true", "score")]
+        runs.append(RunData(name=name, dir=rd.root, backend=record["training"]["backend"], seed=seed, record=record,
+                            epsilon=st.epsilon if st.target_epsilon is None else st.target_epsilon,
+                            preds=preds, sensitive=sens, statement=st))
     if not runs:
         raise ReportError(f"{root}: no finished run (no runs/*/private/record.json); run or resume the sweep first")
     return spec, runs, missing

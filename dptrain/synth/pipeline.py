@@ -55,9 +55,26 @@ PUBLIC = ("the base model, tokenizer, prompt template and label names, the recip
 
 
 def _load(recipe: Recipe):
-    from dptrain.data.text import load_text_from_config
+    """The text records and the model source, checked before anything heavy is loaded or anything written: data
+    that can train and test a classifier (:func:`~dptrain.data.text.check_text_trainable`, a public rule; no count
+    is quoted) and a ``model.source`` that can be a causal LM (:func:`~dptrain.synth.lm.check_model_source`)."""
+    from dptrain.data.text import check_text_trainable, load_text_from_config
+    from dptrain.synth.lm import check_model_source
 
-    return load_text_from_config(recipe.data)
+    data = load_text_from_config(recipe.data)
+    check_text_trainable(data)
+    check_model_source(recipe.model.source)
+    return data
+
+
+def _check_subset(labels: np.ndarray, num_classes: int, fraction: float | None) -> None:
+    """The records kept by ``synthesis.train_fraction`` must still meet the rule of the training split."""
+    from dptrain.data.core import MIN_TRAIN_UNITS, TRAINABLE_RULE, DataError
+
+    if fraction is not None and (len(labels) < MIN_TRAIN_UNITS or len(np.unique(labels)) < num_classes):
+        raise DataError(f"synthesis.train_fraction: the share {fraction} of the training records leaves too few "
+                        f"records or not every class (the rule: {TRAINABLE_RULE}); fix: a larger "
+                        "synthesis.train_fraction, or more data")
 
 
 def _subset(texts: list[str], fraction: float | None, seed: int) -> np.ndarray:
@@ -89,6 +106,22 @@ def _canaries(recipe: Recipe, classes: list[str], rng: np.random.Generator | Non
 def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_seed: int | None = None,
                progress: bool = True, keep_checkpoint: bool = False) -> RunResult:
     """Fine-tune, generate, evaluate; see the module docstring for what goes where."""
+    if recipe.synthesis is None:
+        raise RunError("synthesis: this recipe has no synthesis section; `dptrain synth` needs model.name: "
+                       "causal_lm and a synthesis section (see recipes/iu-xray-reports-synth.yaml)")
+    if recipe.trainer.grad_sample_mode != "hooks":
+        raise RunError("trainer.grad_sample_mode: LM fine-tuning uses per-sample hooks; set grad_sample_mode: hooks")
+    out = Path(out_dir)
+    # the shared check refuses torchrun: data-parallel LM fine-tuning is not supported yet
+    with Session(recipe, out, resume=resume, keep_checkpoint=keep_checkpoint, command="synth",
+                 data_parallel=False) as session:
+        if session.finished is not None:
+            return RunResult(out, session.finished)
+        return _synthesize(session, recipe, out, resume=resume, dp_seed=dp_seed, progress=progress)
+
+
+def _synthesize(session: Session, recipe: Recipe, out: Path, *, resume: bool, dp_seed: int | None,
+                progress: bool) -> RunResult:
     import torch
 
     from dptrain.data.identity import dataset_identity
@@ -96,17 +129,7 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
     from dptrain.synth.lm import PrefixLMTask, add_lora, encode_records, load_causal_lm
     from dptrain.trainers.opacus_backend import OpacusTrainer, resolve_device
 
-    if recipe.synthesis is None:
-        raise RunError("synthesis: this recipe has no synthesis section; `dptrain synth` needs model.name: "
-                       "causal_lm and a synthesis section (see recipes/iu-xray-reports-synth.yaml)")
-    if recipe.trainer.grad_sample_mode != "hooks":
-        raise RunError("trainer.grad_sample_mode: LM fine-tuning uses per-sample hooks; set grad_sample_mode: hooks")
     syn = recipe.synthesis
-    out = Path(out_dir)
-    session = Session(recipe, out, resume=resume, keep_checkpoint=keep_checkpoint, command="synth",
-                      data_parallel=False)  # the shared check: data-parallel LM fine-tuning is not supported yet
-    if session.finished is not None:
-        return RunResult(out, session.finished)
     rd = session.rd
 
     # ---- validate before writing anything ----
@@ -117,6 +140,7 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
     keep = _subset(data.texts_train, syn.train_fraction, recipe.seed)
     texts = [data.texts_train[i] for i in keep]
     labels = data.y_train[keep].astype(np.int64)
+    _check_subset(labels, len(data.classes), syn.train_fraction)
     ev_cfg = syn.evaluation
     n_canary_rows = ev_cfg.canaries * sum(ev_cfg.canary_repetitions)  # public: from the recipe
     hist_event = histogram_event(syn.histogram_noise_multiplier) if syn.label_counts == "dp_histogram" else None
