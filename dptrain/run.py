@@ -164,7 +164,8 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
 
         rd.make()
         if resume and (rd.private / FILE).exists():
-            return load_canaries(rd.private / FILE)
+            return load_canaries(rd.private / FILE, count=n_canaries, shape=data.x_train.shape[1:],
+                                 num_classes=len(data.classes))
         canaries = make_canaries(n_canaries, _numeric_mask(data), len(data.classes))
         save_canaries(rd.private / FILE, canaries)
         return canaries
@@ -253,7 +254,8 @@ def audit_run(out_dir: str | Path) -> dict[str, Any]:
     if recipe.privacy.audit.canaries:
         from dptrain.audit.canaries import FILE, load_canaries
 
-        canaries = load_canaries(rd.private / FILE)
+        canaries = load_canaries(rd.private / FILE, count=recipe.privacy.audit.canaries,
+                                 shape=data.x_train.shape[1:], num_classes=len(data.classes))
     statement = PrivacyStatement.from_dict(record["privacy"])
     audit = jsonable(_audit(model.predict_proba, data, canaries, statement, recipe))
     atomic_write_json(rd.private / "audit.json", audit)

@@ -14,6 +14,14 @@ Formal guarantees (towards invariant 4 of DESIGN.md)
   sweep shares one train / validation / test split, so one run's test records are never another run's
   training records.
 
+* One reader for every table file (:func:`read_table`: tables, image manifests, text CSVs, records to score)
+  refuses an empty, binary or non-UTF-8 file, a header without records and duplicate column names (found in
+  the raw header: pandas would rename a second ``x`` to ``x.1``) with one line naming the file.
+* Data that cannot train a classifier is refused before anything is trained or written, by a public rule
+  (:func:`check_trainable`, applied by :func:`~dptrain.data.load.load_data` and by ``dptrain synth``): at least
+  :data:`MIN_TRAIN_UNITS` privacy units in the training split and every class in the training, validation and
+  test splits. The message says "too few" / "fewer than two classes", never a count or which class is absent.
+
 Sharp edges
 -----------
 * Error messages (:class:`DataError`, built with ``_error``) never quote private facts of the data: no counts
@@ -134,7 +142,7 @@ def read_table(path: str | Path, field_name: str = "data.source", what: str = "C
         raise _error(field_name, f"{shown} has duplicate column names {_few(dup)}",
                      "give every column a unique name in the header row")
     if len(frame) == 0:
-        raise _error(field_name, f"{shown} has a header but no records", f"give a {what} with records")
+        raise _error(field_name, f"{shown} has a header but no records", "give a file with at least one record")
     return frame
 
 
@@ -310,7 +318,7 @@ def check_trainable(*, y_train: np.ndarray, y_test: np.ndarray, y_val: np.ndarra
     if num_units < MIN_TRAIN_UNITS:
         raise _error("data.source", f"{source!r} has too few privacy units for training (the rule: {TRAINABLE_RULE})",
                      "use more data, or a smaller data.test_fraction / data.validation_fraction")
-    what = "fewer than two classes" if k == 2 else f"not every class of {list(classes)}"
+    what = "fewer than two classes" if k == 2 else f"some of the classes {list(classes)} missing"
     for name, y, field_name, fix in (
             ("training", y_train, "data.label", "use more data, declare only classes the data holds (data.classes), "
                                                 "or another data.split_seed"),

@@ -254,7 +254,7 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, Path]:
     if not path.is_file():
         raise ReleaseError(f"{path}: no such file; check the path")
     try:  # empty, binary or non-UTF-8, unreadable, no records, duplicate column names: one line naming the file
-        frame = read_table(path, "--data", "CSV / Parquet table of records")
+        frame = read_table(path, "--data")
     except DataError as err:
         raise ReleaseError(str(err)) from None
     return frame, path.resolve().parent
