@@ -17,15 +17,27 @@ from scipy import optimize, stats
 
 from . import accountants as _acc
 from .errors import (
+    MAX_EVALUATED_EPSILON,
+    MAX_NOISE_MULTIPLIER,
+    MAX_STEPS,
+    MIN_NOISE_MULTIPLIER,
     InvalidParameterError,
+    PrivacyError,
     UnreachableTargetError,
     check_delta,
-    check_epsilon,
-    check_positive_int,
+    check_noise_range,
+    check_steps,
+    check_target_epsilon,
 )
 from .events import RELATIONS, PoissonSampling, SamplingScheme, TruncatedPoissonSampling, run_events
 
-_SIGMA_MIN, _SIGMA_MAX = 1e-2, 1e4
+# The noise multipliers calibration searches: below the minimum one PLD evaluation takes minutes to hours.
+_SIGMA_MIN, _SIGMA_MAX = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
+_TINY = 1e-300  # log() of an epsilon of exactly 0 (a run so noisy it costs nothing at this precision)
+
+
+class _BelowFloor(Exception):
+    """The proxy meets the target at the smallest noise multiplier calibration searches."""
 
 
 def _eps_fn(scheme: SamplingScheme, steps: int, delta: float, accountant: str, extra=()):
@@ -49,8 +61,11 @@ def _initial_guess(scheme: SamplingScheme, steps: int, epsilon: float, delta: fl
     except ValueError:
         return 1.0
     q = min(scheme.sampling_rate, 1.0)
-    x = (mu / (q * math.sqrt(steps))) ** 2  # mu = q sqrt(T (exp(1/sigma^2) - 1))
-    return min(max(1.0 / math.sqrt(math.log1p(x)), 0.1), 100.0)
+    try:
+        x = (mu / (q * math.sqrt(steps))) ** 2  # mu = q sqrt(T (exp(1/sigma^2) - 1))
+    except (OverflowError, ZeroDivisionError):  # a vanishing sampling rate: any noise meets the target
+        return _SIGMA_MIN
+    return min(max(1.0 / math.sqrt(math.log1p(x)), _SIGMA_MIN), 100.0)
 
 
 _PROXY_ORDERS = np.concatenate([np.arange(2, 65), [80, 128, 256, 512]]).astype(float)
@@ -76,21 +91,24 @@ def _proxy(scheme: SamplingScheme, steps: int, delta: float, extra=()):
         lo = hi = math.log(_initial_guess(scheme, steps, y, delta))
 
         def g(log_sigma: float) -> float:
-            return math.log(eps(math.exp(log_sigma))) - math.log(y)
+            return math.log(max(eps(math.exp(log_sigma)), _TINY)) - math.log(y)
 
         g_lo = g_hi = g(lo)
         while g_hi > 0:
             hi += math.log(1.5)
             if hi > math.log(_SIGMA_MAX):
                 raise UnreachableTargetError(
-                    f"target_epsilon: {y:g} at delta={delta:g} needs a noise multiplier above {_SIGMA_MAX:g}; "
-                    "raise the target epsilon or delta, or lower the sampling rate or steps")
+                    f"target_epsilon: {y:g} at delta={delta:g} is unreachable: it needs a noise multiplier above "
+                    f"{_SIGMA_MAX:g} (at {_SIGMA_MAX:g} epsilon is still {eps(_SIGMA_MAX):.4g}); raise the target "
+                    "epsilon or delta, or lower the sampling rate or steps")
             g_hi = g(hi)
         while g_lo < 0:
-            lo -= math.log(1.5)
-            if lo < math.log(_SIGMA_MIN):
-                return _SIGMA_MIN
+            lo = max(lo - math.log(1.5), math.log(_SIGMA_MIN))
             g_lo = g(lo)
+            if g_lo < 0 and lo <= math.log(_SIGMA_MIN):
+                raise _BelowFloor
+        if g_lo == 0:
+            return math.exp(lo)
         return math.exp(optimize.brentq(g, lo, hi, xtol=2e-5))
 
     return eps, solve
@@ -107,9 +125,9 @@ def calibrate_noise_multiplier(
     pairs released on the same data besides training (e.g. a DP label histogram); the target then covers
     them and the run together.
     """
-    target = check_epsilon(target_epsilon, "target_epsilon")
+    target = check_target_epsilon(target_epsilon, "target_epsilon")
     check_delta(delta)
-    steps = check_positive_int(steps, "steps")
+    steps = check_steps(steps, "steps")
     if accountant not in _acc.ACCOUNTANTS:
         raise InvalidParameterError("accountant", accountant, "'pld' or 'rdp'")
     extra = list(extra_events)
@@ -123,7 +141,7 @@ def calibrate_noise_multiplier(
     fine = pld_discretization
 
     def slope(sig: float) -> float:
-        return (math.log(proxy(sig * 1.01)) - math.log(proxy(sig))) / math.log(1.01)
+        return (math.log(max(proxy(sig * 1.01), _TINY)) - math.log(max(proxy(sig), _TINY))) / math.log(1.01)
 
     def newton(sig: float, e: float, margin: float) -> float:
         """Step in log-log space with the proxy's slope, averaged along the step (trapezoid)."""
@@ -131,16 +149,29 @@ def calibrate_noise_multiplier(
         s1 = slope(sig * math.exp((math.log(target) - math.log(e)) / s0))
         return sig * math.exp((math.log(target) - math.log(e)) / ((s0 + s1) / 2)) * (1 + margin)
 
-    sigma = solve(target)
+    try:
+        sigma = solve(target)
+    except _BelowFloor:
+        e_floor = eps(_SIGMA_MIN)
+        if e_floor <= target:
+            raise _too_large(target, delta, e_floor) from None
+        sigma = _SIGMA_MIN  # the proxy is looser than the accountant here: search upwards from the floor
     if accountant == "rdp":  # cheap to evaluate: bracket the proxy's answer and solve exactly
         def g(log_sigma: float) -> float:
-            return math.log(max(eps(math.exp(log_sigma)), 1e-300)) - math.log(target)
+            return math.log(max(eps(math.exp(log_sigma)), _TINY)) - math.log(target)
 
-        lo_s, hi_s = math.log(sigma) - 0.02, math.log(sigma) + 0.02
-        while g(lo_s) <= 0 and lo_s > math.log(_SIGMA_MIN):
-            lo_s -= 0.1
-        while g(hi_s) > 0 and hi_s < math.log(_SIGMA_MAX):
-            hi_s += 0.1
+        floor, ceil = math.log(_SIGMA_MIN), math.log(_SIGMA_MAX)
+        lo_s, hi_s = max(math.log(sigma) - 0.02, floor), min(math.log(sigma) + 0.02, ceil)
+        while g(lo_s) <= 0 and lo_s > floor:
+            lo_s = max(lo_s - 0.1, floor)
+        if g(lo_s) <= 0:  # met at the smallest noise multiplier searched
+            raise _too_large(target, delta, eps(_SIGMA_MIN))
+        while g(hi_s) > 0 and hi_s < ceil:
+            hi_s = min(hi_s + 0.1, ceil)
+        if g(hi_s) > 0:
+            raise UnreachableTargetError(
+                f"target_epsilon: {target:g} at delta={delta:g} is unreachable: it needs a noise multiplier above "
+                f"{_SIGMA_MAX:g}; raise the target epsilon or delta, or lower the sampling rate or steps")
         return _verified(eps, math.exp(optimize.brentq(g, lo_s, hi_s, xtol=1e-5) + 1e-5), target, fine)
 
     # PLD: 1. where the proxy meets the target; 2. one Newton step from a mid-size grid; 3. safeguarded
@@ -153,6 +184,9 @@ def calibrate_noise_multiplier(
     lo: tuple[float, float] | None = None
     hi: tuple[float, float] | None = None
     for _ in range(12):
+        sigma = max(sigma, _SIGMA_MIN)
+        if hi is not None and hi[0] <= _SIGMA_MIN:
+            break  # met at the smallest noise multiplier searched: nothing below is evaluated
         e = eps(sigma, fine)
         if not (0 < e < math.inf):
             break
@@ -180,25 +214,61 @@ def calibrate_noise_multiplier(
             sigma = sigma * math.exp(min(step * (1 - 1e-3), -3e-3))
         else:
             sigma = sigma * math.exp(max(step, 5e-4)) * (1 + 2e-4)
+    if hi is not None and hi[0] <= _SIGMA_MIN:
+        raise _too_large(target, delta, hi[1])
     return hi[0] if hi is not None else _verified(eps, sigma * 1.002, target, fine)
 
 
 def _verified(eps, sigma: float, target: float, discretization: float) -> float:
+    sigma = max(sigma, _SIGMA_MIN)
     while eps(sigma, discretization) > target:
         sigma *= 1.001
     return sigma
 
 
+def _too_large(target: float, delta: float, e_floor: float) -> InvalidParameterError:
+    return InvalidParameterError(
+        "target_epsilon", target,
+        f"at most {e_floor:.4g} for this run (the epsilon at the smallest noise multiplier calibrated, "
+        f"{_SIGMA_MIN:g}, at delta={delta:g})",
+        "a larger target buys no more utility from calibration: give a smaller target, a fixed noise multiplier, "
+        "or inf for a non-private baseline")
+
+
+def epsilon_upper_bound(scheme: SamplingScheme, noise_multiplier: float, steps: int, delta: float) -> float:
+    """A fast upper bound on the epsilon of ``steps`` steps (RDP at integer orders, ~30 ms): used to refuse runs
+    too expensive for the PLD accountant before evaluating them."""
+    return _proxy(scheme, steps, delta)[0](noise_multiplier)
+
+
+def check_evaluable(scheme: SamplingScheme, noise_multiplier: float, steps: int, delta: float,
+                    flags: str = "--noise-multiplier, --sampling-rate or --steps") -> None:
+    """Refuse (PrivacyError) a run whose epsilon is so large that the PLD accountant would need gigabytes:
+    its memory grows with epsilon. Such a run is not private in any useful sense."""
+    check_noise_range(noise_multiplier)
+    check_steps(steps)
+    check_delta(delta)
+    if noise_multiplier == 0:
+        return  # no noise: epsilon is infinite without any computation
+    bound = epsilon_upper_bound(scheme, noise_multiplier, steps, delta)
+    if not bound <= MAX_EVALUATED_EPSILON:
+        raise PrivacyError(
+            f"{flags}: this run's epsilon is far beyond any useful guarantee (RDP upper bound {bound:.4g} > "
+            f"{MAX_EVALUATED_EPSILON:g}) and the PLD accountant's memory grows with epsilon, so it is not evaluated; "
+            "add noise or lower the sampling rate or steps (or use --accountant rdp for the RDP bound)")
+
+
 def calibrate_steps(
     noise_multiplier: float, target_epsilon: float, delta: float, scheme: SamplingScheme, *,
-    accountant: str = "pld", pld_discretization: float = _acc.DEFAULT_PLD_DISCRETIZATION, max_steps: int = 10**7,
+    accountant: str = "pld", pld_discretization: float = _acc.DEFAULT_PLD_DISCRETIZATION, max_steps: int = MAX_STEPS,
 ) -> int:
     """Largest number of steps whose epsilon at ``delta`` does not exceed ``target_epsilon``.
 
     Exact for the given accountant and discretisation (interpolation search over verified bounds).
     """
-    target = check_epsilon(target_epsilon, "target_epsilon")
+    target = check_target_epsilon(target_epsilon, "target_epsilon")
     check_delta(delta)
+    check_noise_range(noise_multiplier, allow_zero=False)
     if accountant not in _acc.ACCOUNTANTS:
         raise InvalidParameterError("accountant", accountant, "'pld' or 'rdp'")
     relation = RELATIONS[scheme.relation]

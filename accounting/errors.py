@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
+# Ranges the accountant evaluates in bounded time and memory (the CLI and the recipe schema check them up front).
+MAX_STEPS = 10**7  # the PLD accountant's arrays grow with the steps; calibrate_steps searches up to here too
+MIN_NOISE_MULTIPLIER = 0.3  # one PLD evaluation takes time ~ 1/sigma^2 (2 s at 0.3, 13 s at 0.1, hours at 0.01);
+#                             below 0.3 a single full-batch step already costs epsilon ~ 19 at delta 1e-5
+MAX_NOISE_MULTIPLIER = 1e4  # calibration searches up to here; larger values overflow the accountant
+MAX_TARGET_EPSILON = 100.0  # a larger (finite) target bounds nothing useful (e^100 ~ 1e43) and overflows exp()
+MAX_EVALUATED_EPSILON = 1e4  # PLD memory grows with epsilon: runs whose RDP bound exceeds this are not evaluated
+
 
 class PrivacyError(ValueError):
     """Base class for every error the accountant raises on purpose."""
@@ -56,9 +66,40 @@ def check_noise(sigma: float, field: str = "noise_multiplier") -> float:
     return float(sigma)
 
 
-def check_positive_int(n: int, field: str, minimum: int = 1) -> int:
+def check_positive_int(n: int, field: str, minimum: int = 1, maximum: int | None = None, why: str = "") -> int:
+    expected = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
     if isinstance(n, bool) or not isinstance(n, (int,)) and not (isinstance(n, float) and n.is_integer()):
-        raise InvalidParameterError(field, n, f"an integer >= {minimum}")
-    if int(n) < minimum:
-        raise InvalidParameterError(field, n, f"an integer >= {minimum}")
+        raise InvalidParameterError(field, n, expected, why)
+    if int(n) < minimum or (maximum is not None and int(n) > maximum):
+        raise InvalidParameterError(field, n, expected, why)
     return int(n)
+
+
+def check_steps(steps: int, field: str = "steps") -> int:
+    """Steps of a run the accountant evaluates: an integer from 1 to ``MAX_STEPS``."""
+    return check_positive_int(steps, field, 1, MAX_STEPS,
+                              f"the PLD accountant's memory grows with the steps; at most {MAX_STEPS:.0e} are evaluated")
+
+
+def check_noise_range(sigma: float, field: str = "noise_multiplier", allow_zero: bool = True) -> float:
+    """A noise multiplier the accountant evaluates in bounded time: 0 (no noise: epsilon is infinite) or
+    ``MIN_NOISE_MULTIPLIER`` .. ``MAX_NOISE_MULTIPLIER``."""
+    ok = isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma) and (
+        (allow_zero and sigma == 0) or MIN_NOISE_MULTIPLIER <= sigma <= MAX_NOISE_MULTIPLIER)
+    if not ok:
+        zero = "0 (no noise) or " if allow_zero else ""
+        raise InvalidParameterError(
+            field, sigma, f"{zero}a number from {MIN_NOISE_MULTIPLIER:g} to {MAX_NOISE_MULTIPLIER:g}",
+            f"below {MIN_NOISE_MULTIPLIER:g} one step alone costs a huge epsilon and the accountant's time grows as "
+            "1/sigma^2; typical DP-SGD values are 0.5 to 5")
+    return float(sigma)
+
+
+def check_target_epsilon(epsilon: float, field: str = "target_epsilon") -> float:
+    """A calibration target: finite, > 0 and at most ``MAX_TARGET_EPSILON``."""
+    eps = check_epsilon(epsilon, field)
+    if eps > MAX_TARGET_EPSILON:
+        raise InvalidParameterError(
+            field, epsilon, f"a number > 0 and at most {MAX_TARGET_EPSILON:g}",
+            "a larger epsilon bounds nothing useful (e^100 ~ 1e43); use inf for a non-private baseline")
+    return eps

@@ -1,4 +1,8 @@
-"""`dptrain ...`: parses arguments, calls the library, prints. No logic of its own."""
+"""`dptrain ...`: parses arguments, calls the library, prints. No logic of its own.
+
+Every bad input -- a wrong or missing argument, a number out of range, a bad recipe -- is one line
+``dptrain: error: ...`` on stderr and exit status 2, checked before any work (nothing is written).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,21 @@ import os
 import sys
 
 import accounting as acc
-from accounting.errors import check_positive_int
+from accounting.calibrate import check_evaluable
+from accounting.errors import (
+    MAX_STEPS,
+    check_delta,
+    check_noise_range,
+    check_positive_int,
+    check_probability,
+    check_steps,
+    check_target_epsilon,
+)
 from accounting.statement import encode_float
+
+MAX_SEEDS = 1000  # each seed is a full training run per epsilon and backend
+MAX_JOBS = 256  # processes (or Ray CPUs) at a time
+MAX_DATASET_SIZE = 10**12
 
 EPILOG_PRIVACY = """\
 examples:
@@ -37,8 +54,13 @@ def _statement_lines(scheme, sigma: float, steps: int, delta: float, accountant:
 
 
 def _cmd_epsilon(args) -> int:
-    check_positive_int(args.steps, "steps")
+    check_probability(args.sampling_rate, "sampling_rate")
+    check_noise_range(args.noise_multiplier, "noise_multiplier")
+    check_steps(args.steps, "steps")
+    check_delta(args.delta)
     scheme = acc.PoissonSampling(args.sampling_rate)
+    if args.accountant != "rdp":  # the PLD accountant's memory grows with epsilon: refuse absurd runs first
+        check_evaluable(scheme, args.noise_multiplier, args.steps, args.delta)
     ledger = acc.PrivacyLedger(accountant="pld" if args.accountant == "all" else args.accountant)
     ledger.compose(scheme.step_event(args.noise_multiplier), args.steps)
     which = acc.ACCOUNTANTS if args.accountant == "all" else (args.accountant,)
@@ -63,16 +85,35 @@ def _cmd_epsilon(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    if args.sampling_rate is not None:
+    check_target_epsilon(args.epsilon, "epsilon")
+    check_delta(args.delta)
+    by_rate = [f"--{f.replace('_', '-')}" for f in ("sampling_rate", "steps") if getattr(args, f) is not None]
+    by_size = [f"--{f.replace('_', '-')}" for f in ("dataset_size", "batch_size", "epochs") if getattr(args, f) is not None]
+    how = "give --sampling-rate Q --steps T, or --dataset-size N --batch-size B --epochs E"
+    if by_rate and by_size:
+        raise acc.PrivacyError(f"{' '.join(by_rate)} and {' '.join(by_size)} both describe the run; {how}, "
+                               "not both")
+    if by_rate:
         if args.steps is None:
             raise acc.InvalidParameterError("--steps", None, "an integer >= 1 with --sampling-rate")
-        scheme, steps = acc.PoissonSampling(args.sampling_rate), args.steps
+        if args.sampling_rate is None:
+            raise acc.InvalidParameterError("--sampling-rate", None, "a number in (0, 1] with --steps")
+        check_probability(args.sampling_rate, "sampling_rate")
+        scheme, steps = acc.PoissonSampling(args.sampling_rate), check_steps(args.steps, "steps")
     else:
         missing = [f for f in ("dataset_size", "batch_size", "epochs") if getattr(args, f) is None]
         if missing:
-            raise acc.InvalidParameterError(
-                "--" + missing[0].replace("_", "-"), None,
-                "a value: give --sampling-rate Q --steps T, or --dataset-size N --batch-size B --epochs E")
+            raise acc.InvalidParameterError("--" + missing[0].replace("_", "-"), None, f"a value: {how}")
+        check_positive_int(args.dataset_size, "dataset_size", 1, MAX_DATASET_SIZE)
+        check_positive_int(args.batch_size, "batch_size", 1, args.dataset_size)
+        if not (math.isfinite(args.epochs) and args.epochs > 0):
+            raise acc.InvalidParameterError("epochs", args.epochs, "a finite number > 0")
+        steps = math.ceil(args.epochs * args.dataset_size / args.batch_size)
+        if steps > MAX_STEPS:
+            raise acc.PrivacyError(
+                f"--epochs {args.epochs:g} with --dataset-size {args.dataset_size} and --batch-size {args.batch_size} "
+                f"makes {steps} steps; at most {MAX_STEPS} are evaluated (the PLD accountant's memory grows with the "
+                "steps): lower --epochs or raise --batch-size")
         scheme, steps = acc.poisson_from_epochs(args.dataset_size, args.batch_size, args.epochs)
     sigma = acc.calibrate_noise_multiplier(args.epsilon, args.delta, scheme, steps, accountant=args.accountant)
     ledger = acc.PrivacyLedger(accountant=args.accountant)
@@ -190,14 +231,44 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _check_sweep_options(args) -> list[float]:
+    """Every option of ``dptrain sweep`` that can be checked without the recipe, before any work: the grid would
+    otherwise train for hours before the report refuses its options."""
+    from dptrain.report import parse_epsilons
+    from dptrain.report.analysis import check_report_options
+    from dptrain.report.sweep import SweepError
+
+    check_report_options(args.threshold, args.bootstrap, args.min_group_size)
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise SweepError(f"--seeds: got {args.seeds}; give 1 to {MAX_SEEDS} seeds per epsilon (each is a full run)")
+    if not 1 <= args.jobs <= MAX_JOBS:
+        raise SweepError(f"--jobs: got {args.jobs}; give the number of runs at a time, an integer from 1 to {MAX_JOBS}")
+    for tok in args.epsilons.split(","):  # "1e400" parses to inf: a typo must not become a non-private run
+        t = tok.strip().lower().lstrip("+")
+        try:
+            val = float(t)
+        except ValueError:
+            continue  # parse_epsilons names it
+        if math.isinf(val) and t not in ("inf", "infinity"):
+            raise SweepError(f"--epsilons: {tok.strip()!r} overflows to infinity; write inf for the non-private "
+                             "reference, or a finite epsilon")
+    epsilons = parse_epsilons(args.epsilons)
+    too_large = [e for e in epsilons if acc.errors.MAX_TARGET_EPSILON < e < math.inf]
+    if too_large:
+        raise SweepError(f"--epsilons: {too_large[0]:g} is above {acc.errors.MAX_TARGET_EPSILON:g} (a larger epsilon "
+                         "bounds nothing useful); write inf for the non-private reference")
+    return epsilons
+
+
 def _cmd_sweep(args) -> int:
     from dptrain.config import load_recipe
-    from dptrain.report import build_report, parse_epsilons, run_sweep
+    from dptrain.report import build_report, run_sweep
 
+    epsilons = _check_sweep_options(args)
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or f"sweeps/{recipe.name}"
     backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
-    result = run_sweep(recipe, out, epsilons=parse_epsilons(args.epsilons), seeds=args.seeds, backends=backends,
+    result = run_sweep(recipe, out, epsilons=epsilons, seeds=args.seeds, backends=backends,
                        executor=args.executor, jobs=args.jobs, address=args.address, threshold=args.threshold)
     paths = build_report(out, n_boot=args.bootstrap, min_group_size=args.min_group_size)
     _print_report_paths(paths)
@@ -218,7 +289,9 @@ def _print_report_paths(paths) -> None:
 
 def _cmd_report(args) -> int:
     from dptrain.report import build_report
+    from dptrain.report.analysis import check_report_options
 
+    check_report_options(args.threshold, args.bootstrap, args.min_group_size)
     paths = build_report(args.dir, threshold=args.threshold, n_boot=args.bootstrap,
                          min_group_size=args.min_group_size)
     _print_report_paths(paths)
@@ -238,10 +311,50 @@ def _cmd_datasets(args) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A wrong, missing or unknown command-line argument (argparse's message, on one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ``dptrain: error: ...`` (exit 2) instead of usage + message."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)")
+
+
+def _number(text: str, integer: bool = False) -> float | int:
+    """A number as a user writes it: 8, 0.5, 1e-5, 1E5, inf, nan (the range is checked by the command); an integer
+    option also takes an integral float such as 1e6."""
+    t = text.strip()
+    try:
+        return int(t, 10)
+    except ValueError:
+        pass
+    try:
+        val = float(t)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind} (e.g. {'1000 or 1e3' if integer else '0.5, 1e-5 or inf'})") \
+            from None
+    if integer:
+        if not (math.isfinite(val) and val.is_integer()):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+        return int(val)
+    return val
+
+
+def _int(text: str) -> int:
+    return _number(text, integer=True)
+
+
+def _float(text: str) -> float:
+    return float(_number(text))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dptrain import __version__
 
-    p = argparse.ArgumentParser(prog="dptrain", description="Differentially private training and honest privacy reports.")
+    p = _Parser(prog="dptrain", description="Differentially private training and honest privacy reports.")
     p.add_argument("--version", action="version", version=f"dptrain {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -252,10 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = psub.add_parser("epsilon", help="epsilon of Poisson-sampled DP-SGD",
                         description="Epsilon of T steps of the Poisson-subsampled Gaussian mechanism.")
-    e.add_argument("--sampling-rate", type=float, required=True, metavar="Q", help="q = expected batch / units, in (0, 1]")
-    e.add_argument("--noise-multiplier", type=float, required=True, metavar="S", help="noise std / clipping norm")
-    e.add_argument("--steps", type=int, required=True, metavar="T", help="number of training steps")
-    e.add_argument("--delta", type=float, required=True, metavar="D", help="target delta, in (0, 1)")
+    e.add_argument("--sampling-rate", type=_float, required=True, metavar="Q", help="q = expected batch / units, in (0, 1]")
+    e.add_argument("--noise-multiplier", type=_float, required=True, metavar="S", help="noise std / clipping norm")
+    e.add_argument("--steps", type=_int, required=True, metavar="T", help="number of training steps")
+    e.add_argument("--delta", type=_float, required=True, metavar="D", help="target delta, in (0, 1)")
     e.add_argument("--accountant", choices=["pld", "rdp", "all"], default="all",
                    help="pld (tight, default main number), rdp, or all side by side (default)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -263,13 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = psub.add_parser("calibrate", help="noise multiplier for a target (epsilon, delta)",
                         description="Smallest noise multiplier meeting a target epsilon (verified with the accountant).")
-    c.add_argument("--epsilon", type=float, required=True, metavar="E", help="target epsilon (> 0)")
-    c.add_argument("--delta", type=float, required=True, metavar="D", help="target delta, in (0, 1)")
-    c.add_argument("--sampling-rate", type=float, metavar="Q", help="q (with --steps)")
-    c.add_argument("--steps", type=int, metavar="T", help="number of steps (with --sampling-rate)")
-    c.add_argument("--dataset-size", type=int, metavar="N", help="number of privacy units (with --batch-size, --epochs)")
-    c.add_argument("--batch-size", type=int, metavar="B", help="expected batch size")
-    c.add_argument("--epochs", type=float, metavar="E", help="epochs (steps = ceil(E * N / B))")
+    c.add_argument("--epsilon", type=_float, required=True, metavar="E", help="target epsilon (> 0)")
+    c.add_argument("--delta", type=_float, required=True, metavar="D", help="target delta, in (0, 1)")
+    c.add_argument("--sampling-rate", type=_float, metavar="Q", help="q (with --steps)")
+    c.add_argument("--steps", type=_int, metavar="T", help="number of steps (with --sampling-rate)")
+    c.add_argument("--dataset-size", type=_int, metavar="N", help="number of privacy units (with --batch-size, --epochs)")
+    c.add_argument("--batch-size", type=_int, metavar="B", help="expected batch size")
+    c.add_argument("--epochs", type=_float, metavar="E", help="epochs (steps = ceil(E * N / B))")
     c.add_argument("--accountant", choices=["pld", "rdp"], default="pld", help="accountant to calibrate with")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=_cmd_calibrate)
@@ -324,11 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sw.add_argument("recipe", help="path to a recipe")
     sw.add_argument("--epsilons", required=True, metavar="LIST", help="comma-separated, e.g. 0.5,1,2,4,8,inf")
-    sw.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per epsilon (default 3)")
+    sw.add_argument("--seeds", type=_int, default=3, metavar="N", help="seeds per epsilon (default 3)")
     sw.add_argument("--backends", metavar="LIST", help="e.g. opacus,jax (default: the recipe's backend)")
     sw.add_argument("--executor", choices=["local", "ray"], default="local",
                     help="local processes (default) or Ray tasks")
-    sw.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at a time (default 1)")
+    sw.add_argument("--jobs", type=_int, default=1, metavar="N", help="runs at a time (default 1)")
     sw.add_argument("--address", help="Ray cluster address (with --executor ray; default: start a local Ray)")
     sw.add_argument("--out", help="sweep directory (default sweeps/<recipe name>)")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
@@ -362,16 +475,20 @@ def _run_options(p: argparse.ArgumentParser, example_recipe: str, example_set: s
 
 
 def _report_options(p: argparse.ArgumentParser, threshold_default: float | None) -> None:
-    p.add_argument("--threshold", type=float, default=threshold_default, metavar="T",
+    p.add_argument("--threshold", type=_float, default=threshold_default, metavar="T",
                    help="fixed decision threshold for TPR/FPR/selection rate, chosen without test data "
                         + ("(default 0.5)" if threshold_default else "(default: the sweep's)"))
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap replicates (default 1000)")
-    p.add_argument("--min-group-size", type=int, default=30, metavar="N",
+    p.add_argument("--bootstrap", type=_int, default=1000, metavar="B", help="bootstrap replicates (default 1000)")
+    p.add_argument("--min-group-size", type=_int, default=30, metavar="N",
                    help="groups with fewer test examples are flagged and left out of the gaps (default 30)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(f"dptrain: error: {err}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (acc.PrivacyError, *_user_errors()) as err:

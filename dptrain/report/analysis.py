@@ -297,16 +297,27 @@ class Analysis:
         return frame[cols + [c for c in frame.columns if c not in cols]]
 
 
+MAX_BOOT = 20_000  # the bootstrap draws a (replicates x test records) matrix: memory grows with it
+
+
+def check_report_options(threshold: float | None, n_boot: int, min_group_size: int) -> None:
+    """The report's options (``threshold`` None: the sweep's), checked before any work: ``dptrain sweep`` calls
+    this before the grid trains."""
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 < threshold < 1):
+        raise ReportError(f"--threshold: got {threshold}; give the fixed decision threshold in (0, 1)")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or not 100 <= n_boot <= MAX_BOOT:
+        raise ReportError(f"--bootstrap: got {n_boot!r}; give 100 to {MAX_BOOT} replicates (default {DEFAULT_BOOT}; "
+                          "the bootstrap holds a replicates x test records matrix)")
+    if isinstance(min_group_size, bool) or not isinstance(min_group_size, int) or min_group_size < 1:
+        raise ReportError(f"--min-group-size: got {min_group_size!r}; give an integer >= 1")
+
+
 def analyse(sweep_dir: str | Path, *, threshold: float | None = None, n_boot: int = DEFAULT_BOOT,
             level: float = 0.95, min_group_size: int = fm.DEFAULT_MIN_GROUP_SIZE, boot_seed: int = 0) -> Analysis:
     spec, runs, missing = load_runs(sweep_dir)
     thr = float(spec.get("threshold", 0.5) if threshold is None else threshold)
-    if not 0 < thr < 1:
-        raise ReportError(f"--threshold: got {thr}; give the fixed decision threshold in (0, 1)")
-    if not isinstance(n_boot, int) or n_boot < 100:
-        raise ReportError(f"--bootstrap: got {n_boot!r}; give at least 100 replicates (default {DEFAULT_BOOT})")
-    if not isinstance(min_group_size, int) or min_group_size < 1:
-        raise ReportError(f"--min-group-size: got {min_group_size!r}; give an integer >= 1")
+    check_report_options(thr, n_boot, min_group_size)
     sens = runs[0].sensitive
     if any(r.sensitive != sens for r in runs):
         raise ReportError("runs disagree on the sensitive attributes; report one recipe's sweep at a time")
@@ -515,5 +526,5 @@ def selection_statement(an: Analysis) -> dict[str, Any]:
     return jsonable(out)
 
 
-__all__ = ["Analysis", "ReportError", "RunData", "SELECTION_WORDING", "UTILITY", "analyse", "check_one_split",
-           "dominating_event", "load_runs", "selection_statement"]
+__all__ = ["Analysis", "MAX_BOOT", "ReportError", "RunData", "SELECTION_WORDING", "UTILITY", "analyse", "check_one_split",
+           "check_report_options", "dominating_event", "load_runs", "selection_statement"]
