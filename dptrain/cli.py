@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = psub.add_parser("epsilon", help="epsilon of Poisson-sampled DP-SGD",
                         description="Epsilon of T steps of the Poisson-subsampled Gaussian mechanism.")
     e.add_argument("--sampling-rate", type=_float, required=True, metavar="Q", help="q = expected batch / units, in (0, 1]")
-    e.add_argument("--noise-multiplier", type=_float, required=True, metavar="S", help="noise std / clipping norm")
-    e.add_argument("--steps", type=_int, required=True, metavar="T", help="number of training steps")
+    e.add_argument("--noise-multiplier", type=_float, required=True, metavar="S", help="noise std / clipping norm (0, or 0.3 to 1e4)")
+    e.add_argument("--steps", type=_int, required=True, metavar="T", help="number of training steps (1 to 1e7)")
     e.add_argument("--delta", type=_float, required=True, metavar="D", help="target delta, in (0, 1)")
     e.add_argument("--accountant", choices=["pld", "rdp", "all"], default="all",
                    help="pld (tight, default main number), rdp, or all side by side (default)")
@@ -376,10 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = psub.add_parser("calibrate", help="noise multiplier for a target (epsilon, delta)",
                         description="Smallest noise multiplier meeting a target epsilon (verified with the accountant).")
-    c.add_argument("--epsilon", type=_float, required=True, metavar="E", help="target epsilon (> 0)")
+    c.add_argument("--epsilon", type=_float, required=True, metavar="E", help="target epsilon (> 0, at most 100)")
     c.add_argument("--delta", type=_float, required=True, metavar="D", help="target delta, in (0, 1)")
     c.add_argument("--sampling-rate", type=_float, metavar="Q", help="q (with --steps)")
-    c.add_argument("--steps", type=_int, metavar="T", help="number of steps (with --sampling-rate)")
+    c.add_argument("--steps", type=_int, metavar="T", help="number of steps, 1 to 1e7 (with --sampling-rate)")
     c.add_argument("--dataset-size", type=_int, metavar="N", help="number of privacy units (with --batch-size, --epochs)")
     c.add_argument("--batch-size", type=_int, metavar="B", help="expected batch size")
     c.add_argument("--epochs", type=_float, metavar="E", help="epochs (steps = ceil(E * N / B))")
@@ -437,11 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sw.add_argument("recipe", help="path to a recipe")
     sw.add_argument("--epsilons", required=True, metavar="LIST", help="comma-separated, e.g. 0.5,1,2,4,8,inf")
-    sw.add_argument("--seeds", type=_int, default=3, metavar="N", help="seeds per epsilon (default 3)")
+    sw.add_argument("--seeds", type=_int, default=3, metavar="N", help="seeds per epsilon, 1 to 1000 (default 3)")
     sw.add_argument("--backends", metavar="LIST", help="e.g. opacus,jax (default: the recipe's backend)")
     sw.add_argument("--executor", choices=["local", "ray"], default="local",
                     help="local processes (default) or Ray tasks")
-    sw.add_argument("--jobs", type=_int, default=1, metavar="N", help="runs at a time (default 1)")
+    sw.add_argument("--jobs", type=_int, default=1, metavar="N", help="runs at a time, 1 to 256 (default 1)")
     sw.add_argument("--address", help="Ray cluster address (with --executor ray; default: start a local Ray)")
     sw.add_argument("--out", help="sweep directory (default sweeps/<recipe name>)")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
@@ -478,7 +478,7 @@ def _report_options(p: argparse.ArgumentParser, threshold_default: float | None)
     p.add_argument("--threshold", type=_float, default=threshold_default, metavar="T",
                    help="fixed decision threshold for TPR/FPR/selection rate, chosen without test data "
                         + ("(default 0.5)" if threshold_default else "(default: the sweep's)"))
-    p.add_argument("--bootstrap", type=_int, default=1000, metavar="B", help="bootstrap replicates (default 1000)")
+    p.add_argument("--bootstrap", type=_int, default=1000, metavar="B", help="bootstrap replicates, 100 to 20000 (default 1000)")
     p.add_argument("--min-group-size", type=_int, default=30, metavar="N",
                    help="groups with fewer test examples are flagged and left out of the gaps (default 30)")
 
@@ -510,6 +510,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
         from dptrain.release import ReleaseError
 
         errors += [ReleaseError]
+        from dptrain.records import RecordError
+
+        errors += [RecordError]
         from dptrain.report import ReportError, SweepError
 
         errors += [ReportError, SweepError]

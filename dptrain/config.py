@@ -24,7 +24,6 @@ YAML rules (recipe files and ``--set`` values alike; YAML 1.2 core schema style,
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,19 +39,15 @@ from pydantic import (
 )
 
 from accounting.errors import MAX_NOISE_MULTIPLIER, MAX_TARGET_EPSILON, MIN_NOISE_MULTIPLIER
+from dptrain.recipe_yaml import RecipeDumper, RecipeError, YAMLLimit, validation_message
+from dptrain.recipe_yaml import read_recipe_text as _recipe_text
+from dptrain.recipe_yaml import read_yaml as _read_yaml
+from dptrain.recipe_yaml import yaml_problem as _yaml_problem
 
 MAX_SEED = 2**32 - 1  # numpy, torch and jax all accept seeds in [0, 2**32 - 1]
 MAX_WIDTH = 65536  # widest hidden layer / most conv channels: a wider one is a typo (and allocates gigabytes)
 MAX_CANARIES = 100_000  # each canary is an extra training unit: beyond ~1e5 steps and memory grow for nothing
 #                         (an audit certifies nothing more past ~1000 canaries at delta 1e-5; see README)
-MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; 1 MiB leaves room for long category lists
-MAX_YAML_DEPTH = 32  # recipes nest 4 levels deep
-
-
-class RecipeError(ValueError):
-    """A recipe is invalid; the message lists every problem, one per line."""
-
-
 def _integral(v: Any) -> Any:
     """Accept a float with an integral value where an integer is wanted (``1e5`` -> 100000)."""
     if isinstance(v, float) and math.isfinite(v) and v.is_integer():
@@ -92,14 +87,68 @@ class ImageConfig(_Strict):
         return v
 
 
+BOOLEAN_RULE = ("booleans are spelled True / False: a file value true / True / TRUE (any case), a YAML true / false and "
+                "a quoted \"true\" all match; 1 / 0 and yes / no are values of their own")
+Value = str | int | bool
+
+
+class MissingRule(_Strict):
+    """What is done with a missing value of one feature (``data.missing``): a public declaration, never a statistic
+    of the data. Written ``refuse``, ``indicator``, ``category``, ``{fill: VALUE}``, ``{fill: VALUE, indicator: true}``
+    or ``{category: NAME}``; stored as ``rule`` (+ ``fill`` / ``category``)."""
+
+    rule: Literal["refuse", "fill", "indicator", "category"]
+    fill: float | str | bool | None = None
+    category: Value | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        forms = "write refuse, indicator, category, {fill: VALUE}, {fill: VALUE, indicator: true} or {category: NAME}"
+        if isinstance(v, str):
+            if v not in ("refuse", "indicator", "category"):
+                raise ValueError(f"unknown rule {v!r}; {forms}")
+            return {"rule": v}
+        if isinstance(v, dict) and "rule" not in v:
+            v = dict(v)
+            indicator = v.pop("indicator", False)
+            if not isinstance(indicator, bool) or set(v) - {"fill", "category"} or ("fill" in v and "category" in v) \
+                    or ("category" in v and indicator) or not (v or indicator):
+                raise ValueError(forms)
+            rule = "category" if "category" in v else "indicator" if indicator else "fill"
+            return {"rule": rule, **v}
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.rule == "fill") != (self.fill is not None) and self.rule != "indicator":
+            raise ValueError("fill: VALUE goes with the rules fill and indicator only")
+        if self.rule != "category" and self.category is not None:
+            raise ValueError("category: NAME goes with the rule category only")
+        if isinstance(self.fill, float) and not math.isfinite(self.fill):
+            raise ValueError("fill must be a finite number or a category")
+        return self
+
+
 class DataConfig(_Strict):
     source: str = Field(description="builtin:NAME, or a path to a .csv / .parquet file")
     label: str | None = Field(None, description="label column (built-ins have a default)")
-    positive_label: str | int | None = Field(None, description="value of the label that counts as positive")
+    positive_label: Value | list[Value] | None = Field(
+        None, description="value of the label that counts as positive, or a list of them ([1, 2, 3, 4]); labels "
+                          f"and categories are compared as written in the file ({BOOLEAN_RULE})")
+    label_threshold: float | None = _finite(None, description="instead of positive_label: a numeric label above "
+                                            "this value is positive (0: '> 0' is positive)")
     numeric: dict[str, list[float]] | None = Field(
         None, description="numeric feature -> declared public bounds [low, high]; values are clipped to them")
-    categorical: dict[str, list[str | int]] | None = Field(
-        None, description="categorical feature -> declared public list of categories (one-hot)")
+    categorical: dict[str, list[Value]] | None = Field(
+        None, description=f"categorical feature -> declared public list of categories (one-hot; {BOOLEAN_RULE})")
+    missing: dict[str, MissingRule] | None = Field(
+        None, description="feature (or 'default', for every feature not named) -> what a missing value becomes: "
+                          "refuse (the default), {fill: VALUE} (a declared number within the bounds, or a declared "
+                          "category), indicator (numeric: adds a 0/1 column NAME_missing and fills with the declared "
+                          "fill or the bounds' midpoint; categorical: as category), category / {category: NAME} "
+                          "(categorical: missing is the category NAME, default 'missing', added if not declared); "
+                          "never a statistic of the data")
     sensitive: list[str] | None = Field(None, description="sensitive attributes kept for fairness reports")
     privacy_unit: str | None = Field(None, description="column identifying a patient; null = per example")
     test_fraction: float = _finite(0.25, gt=0, lt=1)
@@ -107,7 +156,7 @@ class DataConfig(_Strict):
                                          "(model selection in sweeps); 0: none")
     split_seed: Int = Field(0, ge=0, le=MAX_SEED, description="seed of the train/validation/test split, apart "
                             "from the training seed: every run of a sweep shares one split (0 to 2**32 - 1)")
-    classes: list[str | int] | None = Field(
+    classes: list[Value] | None = Field(
         None, description="declared class names (public), in label order; required where the labels are not "
                           "described by positive_label or a built-in's public metadata (text labels, MedMNIST)")
     id: str | None = Field(None, description="dataset identity for the dataset budget (default: the built-in's "
@@ -122,6 +171,37 @@ class DataConfig(_Strict):
         if self.test_fraction + self.validation_fraction >= 1:
             raise ValueError(f"data.test_fraction + data.validation_fraction must be < 1, got "
                              f"{self.test_fraction} + {self.validation_fraction}")
+        return self
+
+    @model_validator(mode="after")
+    def _labels_and_missing(self):
+        if self.label_threshold is not None and (self.positive_label is not None or self.classes is not None):
+            raise ValueError("data.label_threshold replaces data.positive_label and data.classes; keep one of them")
+        if isinstance(self.positive_label, list) and not self.positive_label:
+            raise ValueError("data.positive_label is an empty list; list the label values that count as positive")
+        not_table = self.text is not None or self.source.lower().endswith((".npz", ".jsonl"))
+        if (isinstance(self.positive_label, list) and (not_table or (self.image and self.source.startswith("builtin:")))
+                or self.label_threshold is not None and (not_table or self.image is not None)):
+            raise ValueError("a list data.positive_label (tables, image manifests) and data.label_threshold (tables) "
+                             "are not read for this data; give one positive_label")
+        rules = self.missing or {}
+        if "default" in rules and rules["default"].rule not in ("refuse", "indicator"):
+            raise ValueError(f"data.missing.default must be refuse or indicator, got {rules['default'].rule}")
+        numeric, categorical = self.numeric or {}, self.categorical or {}
+        if not self.source.startswith("builtin:"):
+            unknown = sorted(set(rules) - set(numeric) - set(categorical) - {"default"})
+            if unknown:
+                raise ValueError(f"data.missing names {unknown}, which are not declared features (data.numeric / "
+                                 "data.categorical); name a feature, or 'default' for all")
+        for name, r in rules.items():
+            if name in numeric and r.rule == "category":
+                raise ValueError(f"data.missing.{name}: category is for categorical features; use indicator or "
+                                 "{fill: NUMBER}")
+            if name in numeric and r.fill is not None:
+                lo, hi = numeric[name]
+                if isinstance(r.fill, str | bool) or not lo <= r.fill <= hi:
+                    raise ValueError(f"data.missing.{name}: fill {r.fill!r} must be a number within the declared "
+                                     f"bounds [{lo}, {hi}]")
         return self
 
     @field_validator("numeric")
@@ -387,100 +467,6 @@ class Recipe(_Strict):
         return self
 
 
-# ---- YAML: the recipe rules (module docstring) ----
-
-_INT = re.compile(r"^[-+]?(?:[0-9]+(?:_[0-9]+)*|0x[0-9a-fA-F]+|0o[0-7]+)$")
-_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9]+(?:_[0-9]+)*(?:\.[0-9]*(?:_[0-9]+)*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?
-                         |[-+]?\.?(?:inf|Inf|INF)|[-+]?(?:infinity|Infinity|INFINITY)|\.?(?:nan|NaN|NAN))$""", re.X)
-_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
-_NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
-_TAG = "tag:yaml.org,2002:"
-
-
-class _YAMLLimit(yaml.YAMLError):
-    """A recipe YAML construct refused by the recipe rules (alias, duplicate key, too deep)."""
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader with the recipe rules: YAML 1.2-style numbers and booleans, no aliases, no duplicate keys."""
-
-    yaml_implicit_resolvers: dict = {}
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            ev = self.peek_event()
-            raise _YAMLLimit(f"line {ev.start_mark.line + 1}: an alias (*{ev.anchor}) is not allowed in a recipe; "
-                             "write the value out")
-        ev = self.peek_event()
-        if getattr(ev, "anchor", None):
-            raise _YAMLLimit(f"line {ev.start_mark.line + 1}: an anchor (&{ev.anchor}) is not allowed in a recipe; "
-                             "write each value out")
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                raise _YAMLLimit(f"line {ev.start_mark.line + 1}: nested deeper than {MAX_YAML_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                key = self.construct_object(key_node)
-                try:
-                    if key in seen:
-                        raise _YAMLLimit(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice (also on "
-                                         f"line {seen[key]}); give it once")
-                    seen[key] = key_node.start_mark.line + 1
-                except TypeError:  # an unhashable key: the constructor reports it
-                    pass
-        return super().construct_mapping(node, deep=deep)
-
-    def construct_yaml_int(self, node):
-        text = self.construct_scalar(node).replace("_", "")
-        sign = -1 if text.startswith("-") else 1
-        text = text.lstrip("+-")
-        if text[:2] in ("0x", "0o"):
-            return sign * int(text[2:], 16 if text[1] == "x" else 8)
-        return sign * int(text, 10)  # "012" is twelve (YAML 1.2), not octal
-
-
-_RecipeLoader.add_implicit_resolver(_TAG + "bool", _BOOL, list("tTfF"))
-_RecipeLoader.add_implicit_resolver(_TAG + "null", _NULL, ["~", "n", "N", ""])
-_RecipeLoader.add_implicit_resolver(_TAG + "int", _INT, list("-+0123456789"))
-_RecipeLoader.add_implicit_resolver(_TAG + "float", _FLOAT, list("-+0123456789.iInN"))
-_RecipeLoader.add_constructor(_TAG + "int", _RecipeLoader.construct_yaml_int)
-
-
-class _RecipeDumper(yaml.SafeDumper):
-    """Quotes every string that either the recipe rules or YAML 1.1 (``yaml.safe_load``) would read as another
-    type, so the dump reads back identically with both."""
-
-
-for _tag, _rx, _first in ((_TAG + "bool", _BOOL, "tTfF"), (_TAG + "int", _INT, "-+0123456789"),
-                          (_TAG + "float", _FLOAT, "-+0123456789.iInN")):
-    _RecipeDumper.add_implicit_resolver(_tag, _rx, list(_first))
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """One line: where and what (PyYAML's own messages span several lines)."""
-    if isinstance(err, yaml.MarkedYAMLError):
-        mark = err.problem_mark or err.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        what = " ".join(str(x) for x in (err.context, err.problem) if x)
-        return " ".join(f"{where}{what}".split())
-    return " ".join(str(err).split())
-
-
-def _read_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
-
-
 def _set_dotted(tree: dict[str, Any], dotted: str) -> None:
     if "=" not in dotted:
         raise RecipeError(f"--set {dotted!r}: expected KEY=VALUE, e.g. --set privacy.epsilon=2")
@@ -503,81 +489,12 @@ def _set_dotted(tree: dict[str, Any], dotted: str) -> None:
     node[parts[-1]] = value
 
 
-def _loc(err: dict) -> str:
-    return ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "recipe"
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _message(err: dict) -> str:
-    msg, value, kind = err["msg"].removeprefix("Value error, "), err.get("input"), err["type"]
-    if kind == "extra_forbidden":
-        return "unknown field; check the spelling (see recipes/ for examples)"
-    if kind == "missing":
-        return "required field is missing"
-    if kind == "string_type" and isinstance(value, (bool, int, float)):
-        return f"{msg}; put the value in quotes to mean the text"
-    if kind == "bool_type" and isinstance(value, str):
-        return f"{msg}; write true or false"
-    if kind in ("int_type", "float_type") and isinstance(value, str):
-        return f"{msg} such as 8, 0.5, 1e-5 or inf"
-    if kind == "finite_number":
-        return f"{msg} (inf and nan are not allowed here)"
-    return msg
-
-
 def parse_recipe(tree: dict[str, Any], source: str | None = None) -> Recipe:
     """Validate a recipe tree; ``source`` (the file) is named in the error."""
     try:
         return Recipe.model_validate(tree)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            value = err.get("input")
-            shown = "" if err["type"] == "missing" or isinstance(value, dict) else f" (got {_shown(value)})"
-            lines.append(f"{_loc(err)}: {_message(err)}{shown}")
-        where = f" {source}" if source else ""
-        if len(lines) == 1:
-            raise RecipeError(f"invalid recipe{where}: {lines[0]}") from None
-        raise RecipeError(f"invalid recipe{where} ({len(lines)} problems):\n" + "\n".join(f"  {x}" for x in lines)) \
-            from None
-
-
-def _recipe_text(path: Path) -> str:
-    """The file's text, or a RecipeError naming the file and what is wrong with it."""
-    try:
-        if path.is_dir():
-            raise RecipeError(f"recipe {path}: is a directory, not a recipe file; give a .yaml file "
-                              "(see recipes/ for ready recipes)")
-        if not path.exists():
-            raise RecipeError(f"recipe: no file at {path}; see recipes/ for ready recipes")
-        if not path.is_file():
-            raise RecipeError(f"recipe {path}: is not a regular file; give a .yaml file")
-        size = path.stat().st_size
-        if size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"recipe {path}: {size} bytes is too large for a recipe (at most "
-                              f"{MAX_RECIPE_BYTES} bytes); is it the right file?")
-        data = path.read_bytes()[:MAX_RECIPE_BYTES + 1]
-    except PermissionError:
-        raise RecipeError(f"recipe {path}: cannot be read (permission denied)") from None
-    except OSError as err:
-        raise RecipeError(f"recipe {path}: cannot be read ({err.strerror or err})") from None
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(data) > 1 and (data[0] == 0) != (data[1] == 0)):
-        raise RecipeError(f"recipe {path}: is UTF-16 text; save it as UTF-8")
-    if b"\x00" in data:
-        raise RecipeError(f"recipe {path}: is a binary file, not YAML text; give a .yaml recipe")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise RecipeError(f"recipe {path}: is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
-                          "save it as UTF-8") from None
-    bad = next((c for c in text if ord(c) < 32 and c not in "\t\n\r"), None)
-    if bad is not None:
-        raise RecipeError(f"recipe {path}: holds a control character (U+{ord(bad):04X}); is it a text file?")
-    return text
+        raise RecipeError(validation_message(exc, source)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -585,7 +502,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     text = _recipe_text(path)
     try:
         tree = _read_yaml(text)
-    except _YAMLLimit as err:
+    except YAMLLimit as err:
         raise RecipeError(f"recipe {path}: {err}") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path}: not valid YAML ({_yaml_problem(err)})") from None
@@ -604,4 +521,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def dump_recipe(recipe: Recipe) -> str:
     data = recipe.model_dump(mode="json")
-    return yaml.dump(data, Dumper=_RecipeDumper, sort_keys=False)
+    return yaml.dump(data, Dumper=RecipeDumper, sort_keys=False)

@@ -72,9 +72,13 @@ def _few(values: Sequence[Any], k: int = 5) -> str:
 
 
 def _canon(v: Any) -> str:
-    """One spelling per value, so that 1, 1.0, np.int64(1) and '1' all match a declared 1."""
+    """One spelling per value, so that 1, 1.0, np.int64(1) and '1' all match a declared 1. Booleans are spelled
+    ``True`` / ``False``: a boolean (a file's true / True / TRUE as pandas reads it, a YAML ``true``) and the
+    strings 'true' / 'false' in any case all match; 1 / 0 and yes / no are values of their own."""
     if isinstance(v, bool | np.bool_):
-        return str(int(v))
+        return str(bool(v))
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.capitalize()
     if isinstance(v, int | np.integer):
         return str(int(v))
     if isinstance(v, float | np.floating) and math.isfinite(v) and float(v).is_integer():

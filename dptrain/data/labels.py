@@ -84,7 +84,31 @@ def binary_classes(names: Sequence[str], pos: str, negative: str) -> list[str]:
     return [n for n in names if n != pos] + [pos] if len(names) == 2 else [negative, pos]
 
 
-def _encode_declared(keys: pd.Series, label: str, positive: int | str | None, declared: Sequence[int | str],
+def _positives(label: str, positive: Any) -> tuple[list[str], str, str, str]:
+    """A positive label or a list of them: (canonical values, negative class name, positive class name, rule)."""
+    pk = [_canon(v) for v in (positive if isinstance(positive, list) else [positive])]
+    if len(pk) == 1:
+        return pk, f"{label}!={pk[0]}", f"{label}={pk[0]}", f"1 if {label} == {pk[0]!r} else 0"
+    shown = "[" + ", ".join(pk) + "]"
+    return pk, f"{label} not in {shown}", f"{label} in {shown}", f"1 if {label} is one of {pk} else 0"
+
+
+def _encode_threshold(col: pd.Series, label: str, threshold: float) -> tuple[np.ndarray, list[str], dict]:
+    """``data.label_threshold``: a numeric label above the declared threshold is positive."""
+    values = pd.to_numeric(col.map(lambda v: {"True": 1, "False": 0}.get(_canon(v), v)), errors="coerce")
+    if values.isna().any():
+        words = sorted(v for v in set(col[values.isna()].map(_canon)) if not any(ch.isdigit() for ch in v))
+        raise _error("data.label_threshold", f"column {label!r} has non-numeric labels"
+                     + (f" like {_few(words)}" if words else ""),
+                     "use data.positive_label (a value or a list of values) for a non-numeric label")
+    t = f"{threshold:g}"
+    y = (values.to_numpy(dtype=np.float64) > threshold).astype(np.int64)
+    classes = [f"{label}<={t}", f"{label}>{t}"]
+    return y, classes, {"column": label, "label_threshold": threshold, "encoding": f"1 if {label} > {t} else 0",
+                        "classes": classes}
+
+
+def _encode_declared(keys: pd.Series, label: str, positive: Any, declared: Sequence[int | str],
                      origin: str = FROM_RECIPE) -> tuple[np.ndarray, list[str], dict]:
     """Labels (canonical spellings) against declared classes: unknown labels refused, no class read from data."""
     names = declared_classes(declared)
@@ -97,27 +121,37 @@ def _encode_declared(keys: pd.Series, label: str, positive: int | str | None, de
         y = keys.map(index).to_numpy(dtype=np.int64)
         return y, names, {"column": label, "encoding": "index of the label in the declared classes",
                           "classes": names, "from": origin}
-    pos = _canon(positive)
-    if pos not in names:
-        raise _error("data.positive_label", f"{positive!r} is not one of the declared classes {names}",
-                     "set data.positive_label to one of data.classes")
-    y = (keys == pos).to_numpy().astype(np.int64)
-    classes = binary_classes(names, pos, f"{label}!={pos}")
+    pk, negative, positive_name, rule = _positives(label, positive)
+    outside = [p for p in pk if p not in names]
+    if outside:
+        shown = f"{outside[0]!r} is" if len(outside) == 1 else f"{_few(outside)} are"
+        raise _error("data.positive_label", f"{shown} not one of the declared classes {names}",
+                     "set data.positive_label to one of data.classes (or a list of them)")
+    y = keys.isin(pk).to_numpy().astype(np.int64)
+    classes = binary_classes(names, pk[0], negative) if len(pk) == 1 else [negative, positive_name]
     return y, classes, {"column": label, "positive_label": positive, "declared_classes": names,
-                        "encoding": f"1 if {label} == {pos!r} else 0", "classes": classes, "from": origin}
+                        "encoding": rule, "classes": classes, "from": origin}
 
 
-def _encode_label(frame: pd.DataFrame, label: str, positive: int | str | None,
+def _encode_label(frame: pd.DataFrame, label: str, positive: Any,
                   class_names: tuple[str, str] | None,
-                  declared: Sequence[int | str] | None = None) -> tuple[np.ndarray, list[str], dict]:
+                  declared: Sequence[int | str] | None = None, *,
+                  threshold: float | None = None) -> tuple[np.ndarray, list[str], dict]:
     """y and class names. The names come from declarations only: ``declared`` (data.classes), the positive
-    label, the built-in's ``class_names``, or the fixed ``LABEL=0`` / ``LABEL=1`` of a 0/1 label."""
+    label(s), the threshold, the built-in's ``class_names``, or the fixed ``LABEL=0`` / ``LABEL=1`` of a 0/1
+    label (``LABEL=False`` / ``LABEL=True`` of a boolean one)."""
     col = frame[label]
+    if threshold is not None:
+        return _encode_threshold(col, label, threshold)
     if declared is not None:
         return _encode_declared(col.map(_canon), label, positive, declared)
     if positive is None:
         numeric = pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
         keys = set(col.map(_canon))
+        if keys <= {"True", "False"}:
+            y = (col.map(_canon) == "True").to_numpy().astype(np.int64)
+            classes = list(class_names or (f"{label}=False", f"{label}=True"))
+            return y, classes, {"column": label, "encoding": "boolean: 1 if True else 0", "classes": classes}
         if numeric and keys <= {"0", "1"}:
             y = col.to_numpy().astype(np.int64)
             classes = list(class_names or (f"{label}=0", f"{label}=1"))
@@ -127,16 +161,15 @@ def _encode_label(frame: pd.DataFrame, label: str, positive: int | str | None,
                      "set data.positive_label to the value that counts as positive, or declare the label "
                      "values in label order in data.classes")
     keys = col.map(_canon)
-    pos = _canon(positive)
-    y = (keys == pos).to_numpy().astype(np.int64)
+    pk, negative, positive_name, rule = _positives(label, positive)
+    y = keys.isin(pk).to_numpy().astype(np.int64)
     if not y.any():
         numeric = pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
         like = "" if numeric else f" (values like {_few(sorted(set(keys)))})"  # numeric values are never quoted
         raise _error("data.positive_label", f"{positive!r} never occurs in column {label!r}{like}",
                      "set data.positive_label to one of its values")
-    classes = list(class_names or (f"{label}!={pos}", f"{label}={pos}"))
-    return y, classes, {"column": label, "positive_label": positive,
-                        "encoding": f"1 if {label} == {pos!r} else 0", "classes": classes}
+    classes = list(class_names or (negative, positive_name))
+    return y, classes, {"column": label, "positive_label": positive, "encoding": rule, "classes": classes}
 
 
 def _sensitive_frame(frame: pd.DataFrame, sensitive: Sequence[str],

@@ -91,7 +91,7 @@ class _Schema:
 
     frame: pd.DataFrame
     label: str
-    positive_label: int | str | None
+    positive_label: int | str | bool | list | None
     class_names: tuple[str, str] | None
     numeric: dict[str, tuple[tuple[float, float], str]]
     categorical: dict[str, tuple[tuple[int | str, ...], str]]
@@ -118,8 +118,8 @@ def _resolve(cfg: DataConfig) -> _Schema:
         frame = b.read()
         label = cfg.label or b.label
         same_label = label == b.label
-        positive = cfg.positive_label if cfg.positive_label is not None else (b.positive_label if same_label
-                                                                              else None)
+        own = cfg.positive_label is not None or cfg.label_threshold is not None
+        positive = cfg.positive_label if own else (b.positive_label if same_label else None)
         numeric = {k: (v, FROM_BUILTIN) for k, v in b.numeric.items() if k not in declared_cat}
         categorical = {k: (v, FROM_BUILTIN) for k, v in b.categorical.items() if k not in declared_num}
         numeric.update(declared_num)
@@ -135,7 +135,7 @@ def _resolve(cfg: DataConfig) -> _Schema:
                           "attributes, privacy unit) are dropped before the split; a per-record rule "
                           "that looks at no other record")
         return _Schema(frame, label, positive,
-                       b.class_names if same_label and cfg.positive_label is None else None,
+                       b.class_names if same_label and not own else None,
                        numeric, categorical, list(cfg.sensitive if cfg.sensitive is not None else b.sensitive),
                        b.derived, row_filter, notes)
 
@@ -167,8 +167,8 @@ def _resolve(cfg: DataConfig) -> _Schema:
 
 def _encode_numeric(frame: pd.DataFrame, col: str, bounds: tuple[float, float]) -> np.ndarray:
     raw = frame[col]
-    if pd.api.types.is_bool_dtype(raw):
-        raw = raw.astype(np.float64)
+    if pd.api.types.is_bool_dtype(raw) or pd.api.types.is_object_dtype(raw):
+        raw = raw.map(lambda v: {"True": 1.0, "False": 0.0}.get(_canon(v), v))  # True / False: 1 / 0
     values = pd.to_numeric(raw, errors="coerce")
     bad = raw[values.isna()]
     if len(bad):
@@ -194,6 +194,85 @@ def _encode_categorical(frame: pd.DataFrame, col: str, cats: tuple[int | str, ..
         raise _error(f"data.categorical.{col}", f"column {col!r} has values {_few(unexpected)} outside the "
                      f"declared categories {names}", f"add them to data.categorical.{col}")
     return (keys[:, None] == np.asarray(names, dtype=object)[None, :]).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Missing values (declared rules only: data.missing)
+# --------------------------------------------------------------------------------------------------
+
+
+def _missing_rules(cfg: DataConfig, schema: _Schema) -> dict[str, dict]:
+    """Per feature, the declared rule for a missing value as a JSON-able dict (also written into model.json):
+    ``{"rule": "refuse"}``, ``{"rule": "fill", "value": V}``, ``{"rule": "indicator", "value": V, "column": NAME}``
+    (numeric) or ``{"rule": "category", "value": NAME, "added": bool}`` (categorical). Declarations only: the same
+    rules whatever the data holds, so the encoded columns never depend on which values are missing."""
+    rules = dict(cfg.missing or {})
+    default = rules.pop("default", None)
+    features = list(schema.numeric) + list(schema.categorical)
+    unknown = sorted(set(rules) - set(features))
+    if unknown:
+        raise _error("data.missing", f"{_few(unknown)} are not features of {cfg.source!r}",
+                     f"name one of the features {_few(features, 12)}, or 'default' for all")
+    out: dict[str, dict] = {}
+    for col, ((lo, hi), _) in schema.numeric.items():
+        r = rules.get(col, default)
+        if r is None or r.rule == "refuse":
+            out[col] = {"rule": "refuse"}
+            continue
+        if r.rule == "category":
+            raise _error(f"data.missing.{col}", "category is for categorical features", "use indicator or {fill: NUMBER}")
+        value = (lo + hi) / 2 if r.fill is None else r.fill
+        if isinstance(value, str | bool) or not lo <= value <= hi:
+            raise _error(f"data.missing.{col}", f"fill {value!r} is not a number within the declared bounds [{lo}, {hi}]",
+                         "declare a fill value within the bounds")
+        out[col] = {"rule": "fill", "value": float(value)}
+        if r.rule == "indicator":
+            out[col].update(rule="indicator", column=f"{col}_missing")
+    for col, (cats, _) in schema.categorical.items():
+        r = rules.get(col, default)
+        names = [_canon(c) for c in cats]
+        if r is None or r.rule == "refuse":
+            out[col] = {"rule": "refuse"}
+        elif r.rule == "fill":
+            if _canon(r.fill) not in names:
+                raise _error(f"data.missing.{col}", f"fill {r.fill!r} is not one of the declared categories {names}",
+                             "fill with one of them, or use {category: missing} to add a category")
+            out[col] = {"rule": "fill", "value": _canon(r.fill)}
+        else:  # category, or indicator: the one-hot column of the missing category is the indicator
+            name = "missing" if r.category is None else _canon(r.category)
+            out[col] = {"rule": "category", "value": name, "added": name not in names}
+    return out
+
+
+def _missing_info(rule: dict) -> dict:
+    """The rule and the rule in words, for the record's preprocessing section (nothing for refuse, the default)."""
+    kind, value = rule["rule"], rule.get("value")
+    if kind == "refuse":
+        return {}
+    return {"missing": rule, "missing_rule": "missing values " + {
+            "fill": f"replaced by the declared value {value!r}",
+            "indicator": f"replaced by the declared value {value!r}; column {rule.get('column')!r} is 1 where missing, "
+                         "else 0",
+            "category": f"encoded as the category {value!r}" + (" (added to the declared ones)" if rule.get("added")
+                                                                else "")}[kind]}
+
+
+def _apply_missing(col: pd.Series, rule: dict) -> tuple[pd.Series, np.ndarray | None]:
+    """The column with missing values replaced by the declared value, and the 0/1 indicator (rule indicator)."""
+    na = col.isna()
+    indicator = na.to_numpy().astype(np.float64) if rule["rule"] == "indicator" else None
+    if rule["rule"] == "refuse" or not na.any():
+        return col, indicator
+    return col.astype(object).mask(na, rule["value"]), indicator
+
+
+def _refuse_missing(refused: list[str], used: dict[str, str], rules: dict[str, dict], numeric: Mapping) -> DataError:
+    """One line: the features with missing values (never how many) and the YAML that declares a rule for them."""
+    fix = ", ".join(f"{c}: {'indicator' if c in numeric else 'category'}" for c in refused)
+    also = f" (so do {_few(refused[1:], 8)})" if len(refused) > 1 else ""
+    return _error(used[refused[0]], f"column {refused[0]!r} has missing values{also} and data.missing says refuse "
+                  "(the default)", f"declare a public rule in the data section, e.g. missing: {{{fix}}} (or "
+                  "{fill: VALUE} with a declared value), or drop those rows in the file")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,24 +316,40 @@ def load_tabular(cfg: DataConfig, *, seed: int | None = None) -> TabularData:
         raise _error(used[col], f"column {col!r} is not in {cfg.source!r}",
                      f"use one of the available columns: {', '.join(map(str, frame.columns))}")
 
+    rules = _missing_rules(cfg, schema)
+    kept = {schema.label, cfg.privacy_unit} | {schema.derived[n].source if n in schema.derived else n
+                                               for n in schema.sensitive}
+    strict = [c for c in used if c in kept or rules[c]["rule"] == "refuse"]  # no rule: missing is refused
     if schema.row_filter is not None:
-        frame = frame.loc[frame[list(used)].notna().all(axis=1)]
-    nans = frame[list(used)].isna().any()
-    for col, some in nans.items():
-        if some:
+        frame = frame.loc[frame[strict].notna().all(axis=1)]
+    nans = frame[strict].isna().any()
+    refused = [c for c in strict if nans[c] and c not in kept]
+    for col in strict:
+        if nans[col] and col in kept:
             raise _error(used[col], f"column {col!r} has missing values",
-                         "clean the file (impute with public defaults) or drop those rows")
+                         "clean the file or drop those rows (missing labels, privacy units and sensitive attributes "
+                         "have no rule)")
+    if refused:
+        raise _refuse_missing(refused, used, rules, schema.numeric)
     frame = frame.reset_index(drop=True)
     schema.frame = frame
 
     y, classes, label_info = _encode_label(frame, schema.label, schema.positive_label, schema.class_names,
-                                           cfg.classes)
+                                           cfg.classes, threshold=cfg.label_threshold)
     blocks, feature_names = [], []
     for col, (bounds, _) in schema.numeric.items():
-        blocks.append(_encode_numeric(frame, col, bounds)[:, None])
+        filled, indicator = _apply_missing(frame[col], rules[col])
+        blocks.append(_encode_numeric(filled.to_frame(col), col, bounds)[:, None])
         feature_names.append(col)
+        if indicator is not None:
+            blocks.append(indicator[:, None])
+            feature_names.append(rules[col]["column"])
     for col, (cats, _) in schema.categorical.items():
-        blocks.append(_encode_categorical(frame, col, cats))
+        if rules[col].get("added"):
+            cats = (*cats, rules[col]["value"])
+            schema.categorical[col] = (cats, schema.categorical[col][1])
+        filled, _ = _apply_missing(frame[col], rules[col])
+        blocks.append(_encode_categorical(filled.to_frame(col), col, cats))
         feature_names.extend(f"{col}={_canon(c)}" for c in cats)
     x = np.concatenate(blocks, axis=1).astype(np.float32)
     sensitive, sensitive_info = _sensitive_frame(frame, schema.sensitive, schema.derived)
@@ -271,10 +366,12 @@ def load_tabular(cfg: DataConfig, *, seed: int | None = None) -> TabularData:
         "source": cfg.source,
         "label": label_info,
         "numeric": {col: {"bounds": [float(lo), float(hi)], "from": origin,
-                          "transform": "clip to bounds, then 2 * (x - low) / (high - low) - 1"}
+                          "transform": "clip to bounds, then 2 * (x - low) / (high - low) - 1", **_missing_info(rules[col])}
                     for col, ((lo, hi), origin) in schema.numeric.items()},
-        "categorical": {col: {"categories": [_canon(c) for c in cats], "from": origin, "encoding": "one-hot"}
+        "categorical": {col: {"categories": [_canon(c) for c in cats], "from": origin, "encoding": "one-hot",
+                              **_missing_info(rules[col])}
                         for col, (cats, origin) in schema.categorical.items()},
+        "missing_values": "refused unless data.missing declares a rule (then under the feature: missing, missing_rule)",
         "sensitive": sensitive_info,
         "row_filter": schema.row_filter,
         "privacy_unit": cfg.privacy_unit or "example",

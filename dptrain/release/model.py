@@ -134,7 +134,13 @@ class ReleasedModel:
         return self._encode_table(frame)
 
     def _encode_table(self, frame: pd.DataFrame) -> np.ndarray:
-        from dptrain.data.tabular import DataError, _canon, _encode_categorical, _encode_numeric
+        from dptrain.data.tabular import (
+            DataError,
+            _apply_missing,
+            _canon,
+            _encode_categorical,
+            _encode_numeric,
+        )
 
         columns = self.input_spec["columns"]
         names = [c["name"] for c in columns]
@@ -143,31 +149,35 @@ class ReleasedModel:
             more = f" ({len(missing)} missing: {_few(missing)})" if len(missing) > 1 else ""
             raise ReleaseError(f"column {missing[0]!r} is missing from the input{more}; fix: add it (the model "
                                f"needs the columns {_few(names, 20)}; extra columns are ignored)")
+        rules = {c["name"]: c.get("missing", {"rule": "refuse"}) for c in columns}  # older model.json: refuse
         for n in names:
             na = frame[n].isna().to_numpy()
-            if na.any():
+            if na.any() and rules[n]["rule"] == "refuse":
                 raise ReleaseError(f"column {n!r} has {int(na.sum())} missing value(s) (first at row "
                                    f"{int(np.flatnonzero(na)[0])}); fix: fill them in or drop those rows (the model "
-                                   "has no rule for missing values)")
+                                   "declares no rule for missing values in this column)")
         blocks = []
         for c in columns:
             n = c["name"]
+            filled, indicator = _apply_missing(frame[n], rules[n])  # the declared rule, as in training
             if c["type"] == "numeric":
                 lo, hi = c["bounds"]
                 try:
-                    blocks.append(_encode_numeric(frame, n, (float(lo), float(hi)))[:, None])
+                    blocks.append(_encode_numeric(filled.to_frame(n), n, (float(lo), float(hi)))[:, None])
+                    if indicator is not None:
+                        blocks.append(indicator[:, None])
                 except DataError:
                     bad = frame[n][pd.to_numeric(frame[n], errors="coerce").isna()]
                     raise ReleaseError(f"column {n!r} has non-numeric values like {_few(sorted(set(map(str, bad))))}; "
                                        f"fix: give numbers (they are clipped to the declared bounds [{lo}, {hi}])") from None
             elif c["type"] == "categorical":
                 cats = [str(v) for v in c["categories"]]
-                unknown = sorted(set(frame[n].map(_canon)) - set(cats))
+                unknown = sorted(set(filled.map(_canon)) - set(cats))
                 if unknown:
                     raise ReleaseError(f"column {n!r} has values {_few(unknown)} outside the model's categories "
                                        f"{cats}; fix: map them to one of these categories or drop those rows (the "
                                        "model was trained on the declared categories only)")
-                blocks.append(_encode_categorical(frame, n, tuple(cats)))
+                blocks.append(_encode_categorical(filled.to_frame(n), n, tuple(cats)))
             else:
                 raise ReleaseError(f"model.json: column {n!r} has an unknown type {c['type']!r}; this dptrain is "
                                    "too old for the model, upgrade it")

@@ -25,22 +25,29 @@ def _inputs(data: TabularData) -> int | list[int]:
     return int(shape[0]) if len(shape) == 1 else [int(d) for d in shape]
 
 
+def _missing(info: dict[str, Any]) -> dict[str, Any]:
+    """A column's declared missing-value rule (absent: refused, as in model.json files without it)."""
+    return {"missing": info["missing"]} if "missing" in info else {}
+
+
 def _table_spec(data: TabularData, n_inputs: int) -> dict[str, Any]:
     pre = data.preprocessing
     columns: list[dict[str, Any]] = []
     for col, info in pre.get("numeric", {}).items():
         lo, hi = info["bounds"]
         columns.append({"name": col, "type": "numeric", "bounds": [float(lo), float(hi)], "from": info["from"],
-                        "transform": info["transform"]})
+                        "transform": info["transform"], **_missing(info)})
     for col, info in pre.get("categorical", {}).items():
         columns.append({"name": col, "type": "categorical", "categories": [str(c) for c in info["categories"]],
-                        "from": info["from"], "encoding": "one-hot, in the order of categories"})
-    width = sum(1 if c["type"] == "numeric" else len(c["categories"]) for c in columns)
+                        "from": info["from"], "encoding": "one-hot, in the order of categories", **_missing(info)})
+    width = sum((1 + (c.get("missing", {}).get("rule") == "indicator")) if c["type"] == "numeric" else len(c["categories"])
+                for c in columns)
     if not (width == len(data.feature_names) == n_inputs):
         raise ReleaseError(f"release: the declared encoding gives {width} features but the model takes {n_inputs} "
                            f"({len(data.feature_names)} feature names); the data was not encoded by load_tabular")
     return {"kind": "table", "columns": columns, "features": list(data.feature_names),
-            "missing_values": "refused", "extra_columns": "ignored"}
+            "missing_values": "per column: its declared missing rule (refuse, fill, indicator: a 0/1 column right "
+                              "after the value, category)", "extra_columns": "ignored"}
 
 
 def _image_spec(recipe: Recipe, data: TabularData, shape: list[int]) -> dict[str, Any]:
