@@ -29,9 +29,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -39,34 +36,22 @@ from pydantic import (
 )
 
 from accounting.errors import MAX_NOISE_MULTIPLIER, MAX_TARGET_EPSILON, MIN_NOISE_MULTIPLIER
+from dptrain.config_base import (  # noqa: F401  (re-exported: the recipe's value types)
+    MAX_CANARIES,
+    MAX_SEED,
+    MAX_WIDTH,
+    Int,
+    Seed,
+    Width,
+    _finite,
+    _integral,
+    _Strict,
+)
+from dptrain.config_synth import GenerationConfig, SynthesisConfig, SynthEvaluationConfig  # noqa: F401
 from dptrain.recipe_yaml import RecipeDumper, RecipeError, YAMLLimit, validation_message
 from dptrain.recipe_yaml import read_recipe_text as _recipe_text
 from dptrain.recipe_yaml import read_yaml as _read_yaml
 from dptrain.recipe_yaml import yaml_problem as _yaml_problem
-
-MAX_SEED = 2**32 - 1  # numpy, torch and jax all accept seeds in [0, 2**32 - 1]
-MAX_WIDTH = 65536  # widest hidden layer / most conv channels: a wider one is a typo (and allocates gigabytes)
-MAX_CANARIES = 100_000  # each canary is an extra training unit: beyond ~1e5 steps and memory grow for nothing
-#                         (an audit certifies nothing more past ~1000 canaries at delta 1e-5; see README)
-def _integral(v: Any) -> Any:
-    """Accept a float with an integral value where an integer is wanted (``1e5`` -> 100000)."""
-    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-        return int(v)
-    return v
-
-
-Int = Annotated[int, BeforeValidator(_integral)]
-Seed = Annotated[Int, Field(ge=0, le=MAX_SEED, description="a seed in [0, 2**32 - 1]")]
-Width = Annotated[Int, Field(ge=1, le=MAX_WIDTH)]
-
-
-def _finite(default: Any = ..., **kw) -> Any:
-    """A float field that refuses inf and nan."""
-    return Field(default, allow_inf_nan=False, **kw)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ImageConfig(_Strict):
@@ -378,54 +363,6 @@ class TrainingConfig(_Strict):
         return self
 
 
-class GenerationConfig(_Strict):
-    top_k: Int = Field(50, ge=0, le=10**6, description="sample from the k most likely tokens (0: off)")
-    top_p: float = _finite(0.95, gt=0, le=1, description="nucleus sampling mass")
-    temperature: float = _finite(1.0, gt=0, le=100)
-    max_new_tokens: Int = Field(96, ge=1, le=4096)
-    batch_size: Int = Field(32, ge=1, le=4096)
-    seed: Seed = 0
-
-
-class SynthEvaluationConfig(_Strict):
-    canaries: Int = Field(2, ge=0, le=1000, description="secret canary sentences per repetition count (0: no "
-                                                         "exposure test)")
-    canary_repetitions: list[Int] = Field(default_factory=lambda: [1, 10], max_length=16, description="each canary "
-                                          "is inserted this many times into training (Carlini et al. 2019)")
-    canary_references: Int = Field(2000, ge=10, le=10**6, description="random candidates an exposure is estimated "
-                                                                      "from")
-    fidelity_records: Int = Field(300, ge=10, le=10**6, description="real held-out records for fidelity (MiniLM "
-                                                                    "embeddings)")
-    ngram: Int = Field(8, ge=2, le=64, description="memorisation: word n-gram length shared with a training record")
-    dp_baseline: bool = Field(True, description="also train the downstream classifier on real data with DP")
-
-
-class SynthesisConfig(_Strict):
-    prompt: str = Field("Chest X-ray report ({label}):", description="public template; {label} is the class name")
-    records: Int = Field(200, ge=1, le=10**6, description="synthetic records to generate")
-    label_counts: Literal["dp_histogram", "prior"] = Field(
-        "dp_histogram", description="records per label from a DP histogram (accounted) or a declared public prior")
-    prior: list[float] | None = Field(None, description="label_counts: prior -- public class weights, one per class")
-    histogram_noise_multiplier: float = _finite(20.0, ge=MIN_NOISE_MULTIPLIER, le=MAX_NOISE_MULTIPLIER, description="histogram noise std (its L2 sensitivity "
-                                                                      "is 1 under add/remove)")
-    train_fraction: float | None = _finite(None, gt=0, le=1, description="train on this public share of the records: "
-                                         "each kept independently (keyed hash of its text < train_fraction)")
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    evaluation: SynthEvaluationConfig = Field(default_factory=SynthEvaluationConfig)
-
-    @model_validator(mode="after")
-    def _checks(self):
-        if "{label}" not in self.prompt:
-            raise ValueError(f"synthesis.prompt must contain {{label}} (labels condition generation), got {self.prompt!r}")
-        if self.label_counts == "prior" and not self.prior:
-            raise ValueError("synthesis.label_counts: prior needs synthesis.prior (public class weights, e.g. [0.4, 0.6])")
-        if self.prior is not None and (any(not (0 <= w < math.inf) for w in self.prior) or sum(self.prior) <= 0):
-            raise ValueError(f"synthesis.prior must be finite weights >= 0 with a positive sum, got {self.prior}")
-        if any(not 1 <= r <= 1000 for r in self.evaluation.canary_repetitions):
-            raise ValueError("synthesis.evaluation.canary_repetitions must be >= 1 (and at most 1000)")
-        return self
-
-
 class Recipe(_Strict):
     name: str = "run"
     data: DataConfig
@@ -460,6 +397,11 @@ class Recipe(_Strict):
                 "training.augment": self.training.augment != "none", "training.augmult": self.training.augmult > 1,
                 "training.ema": self.training.ema is not None, "data.image": self.data.image is not None,
             }
+            if self.synthesis.method == "private_evolution":  # no training: training options would be ignored
+                unsupported.update({
+                    "training (private_evolution trains nothing)": self.training != TrainingConfig(),
+                    "optimizer": self.optimizer != OptimizerConfig(), "model.lora": self.model.lora != LoraConfig(),
+                    "privacy.clipping_norm (each vote has norm 1)": self.privacy.clipping_norm != 1.0})
             bad = [k for k, v in unsupported.items() if v]
             if bad:
                 raise ValueError(f"dptrain synth does not support {', '.join(bad)} yet (the guarantee is per "

@@ -238,9 +238,10 @@ class Session:
 
     # ---- before anything is written ----
     def make_plan(self, true_units: int, *, public_extra: int = 0, privacy_unit: str = "example",
-                  releases: tuple = ()) -> PrivacyPlan:
+                  releases: tuple = (), build: Callable[..., PrivacyPlan] | None = None) -> PrivacyPlan:
         """Count (or restore the count of) the units, build and check the plan; refuses a changed recipe on
-        resume. Writes nothing."""
+        resume. Writes nothing. ``build``: the plan's constructor (default ``PrivacyPlan.from_recipe``; Private
+        Evolution passes its own, same signature)."""
         from dptrain.trainers.plan import count_units
 
         def restore_or_count() -> dict[str, Any]:
@@ -265,7 +266,7 @@ class Session:
         if self.count.public_extra != public_extra:
             raise RunError(f"--resume: {self.rd.root} was started with other dptrain-added units; start a new run")
         try:
-            plan = PrivacyPlan.from_recipe(self.recipe, self.count, privacy_unit, releases=releases)
+            plan = (build or PrivacyPlan.from_recipe)(self.recipe, self.count, privacy_unit, releases=releases)
         except acc.UnreachableTargetError as err:
             raise RunError(f"{err}; the target must also cover the DP count of units (privacy."
                            "count_noise_multiplier) and other releases, or declare privacy.dataset_size") from None

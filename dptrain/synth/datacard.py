@@ -39,22 +39,28 @@ def render_datacard(record: dict[str, Any], p: PrivacyStatement, *, public: bool
     d, ev = record["data"], record["evaluation"]
     m, g, lc = record["model"], record["generation"], record["label_counts"]
     warning = p.warning
+    pe = record.get("method") == "private_evolution"
+    how = ("selected and varied by Private Evolution (Xie et al. 2024): the public model's candidates voted on by "
+           "the private records under differential privacy, no gradient on the private data" if pe else
+           "fine-tuned with LoRA adapters under differential privacy")
     lines = [f"# Datacard: DP synthetic text `{record['recipe']}`", ""]
     if warning:
         lines += [f"> **{warning}**", ""]
     lines += [
         "## What this is",
         f"{sum(lc['generated'].values())} synthetic records (`synthetic.jsonl`: one JSON object per line with "
-        f"`text` and `label`) sampled from `{m['source']}` fine-tuned with LoRA adapters under differential "
-        f"privacy on `{d['source']}`.", "",
+        f"`text` and `label`) sampled from `{m['source']}` {how}, on `{d['source']}`.", "",
         "## Privacy statement",
         f"- **({_f(p.epsilon, 4) if p.is_private else 'inf'}, {p.delta:g})-DP** per {d['privacy_unit']} "
         f"({p.neighbouring_relation.replace('_', '-')} neighbouring relation), accountant {p.accountant} "
         f"({p.accountant_version}).",
         f"- Covers: {p.covers}.",
-        f"- Mechanisms composed in one ledger (`ledger.json`): {p.steps} DP-SGD steps ({p.sampling} sampling, "
-        f"q={_f(p.sampling_rate, 5)}, noise multiplier {_f(p.noise_multiplier, 4)}, per-record clipping "
-        f"norm {p.clipping_norm})"
+        (f"- Mechanisms composed in one ledger (`ledger.json`): {p.steps} vote rounds (every record votes once "
+         f"per round for its nearest candidate of its label; the histogram, L2 sensitivity 1, released with "
+         f"Gaussian noise std {_f(p.noise_multiplier, 4)})" if pe else
+         f"- Mechanisms composed in one ledger (`ledger.json`): {p.steps} DP-SGD steps ({p.sampling} sampling, "
+         f"q={_f(p.sampling_rate, 5)}, noise multiplier {_f(p.noise_multiplier, 4)}, per-record clipping "
+         f"norm {p.clipping_norm})")
         + ("" if lc["mode"] != "dp_histogram" else
            f" and a Gaussian label histogram (noise std {_f(p.releases['label_histogram']['noise_std'], 2)})")
         + ".",
@@ -66,13 +72,17 @@ def render_datacard(record: dict[str, Any], p: PrivacyStatement, *, public: bool
         "hyperparameter search on the private data costs extra privacy, see `dptrain sweep`).",
         f"- Records: {p.units.meaning}. Public: {p.public}.",
         "- Sharp edge: the unit is one record; a person with several records is protected less (group "
-        "privacy).", "- The released model is `adapters/` (LoRA weights only). `private/` (the evaluation, the "
-        "secret canaries, any kept checkpoint with the secret noise seed) is never published.", "",
+        "privacy).", ("- No model is released (the base model is public and unchanged)." if pe else
+                      "- The released model is `adapters/` (LoRA weights only).")
+        + " `private/` (the evaluation, the secret canaries, any kept checkpoint with the secret noise seed) is "
+        "never published.", "",
         "## Model and generation",
-        f"- Base model `{m['source']}`; LoRA r={m['lora']['r']}, alpha={m['lora']['alpha']}, modules "
-        f"{m['lora']['target_modules']}, layers: {'all' if m['lora']['top_layers'] is None else 'last ' + str(m['lora']['top_layers'])}; "
-        f"{m['trainable_parameters']:,} trainable parameters; max {m['max_length']} tokens per record "
-        "(prompt + text); prefix-LM loss (no loss on the prompt).",
+        (f"- Base model `{m['source']}` (public, not trained); Private Evolution {m['private_evolution']}; "
+         f"topics {m['topics']}; embeddings {m['embedding']}." if pe else
+         f"- Base model `{m['source']}`; LoRA r={m['lora']['r']}, alpha={m['lora']['alpha']}, modules "
+         f"{m['lora']['target_modules']}, layers: {'all' if m['lora']['top_layers'] is None else 'last ' + str(m['lora']['top_layers'])}; "
+         f"{m['trainable_parameters']:,} trainable parameters; max {m['max_length']} tokens per record "
+         "(prompt + text); prefix-LM loss (no loss on the prompt)."),
         f"- Sampling: top-k {g['top_k']}, top-p {g['top_p']}, temperature {g['temperature']}, max "
         f"{g['max_new_tokens']} new tokens, seed {g['seed']}.", "",
     ]
@@ -87,7 +97,7 @@ def render_datacard(record: dict[str, Any], p: PrivacyStatement, *, public: bool
                   "the data owner in `private/evaluation.md`: it is computed on real records outside the "
                   "mechanism, so it is not covered by the guarantee and not published with the data.", "",
                   "## Provenance", f"- Software: {record['versions']}." if "versions" in record else "",
-                  "- Files: `synthetic.jsonl`, `DATACARD.md`, `adapters/`, `privacy.json` (the statement), "
+                  "- Files: `synthetic.jsonl`, `DATACARD.md`, " + ("" if pe else "`adapters/`, ") + "`privacy.json` (the statement), "
                   "`ledger.json` (every DP event), `config.yaml` (the recipe).", ""]
         return "\n".join(lines)
     lines += [
@@ -111,7 +121,8 @@ def render_datacard(record: dict[str, Any], p: PrivacyStatement, *, public: bool
           f"{_f(c.get('distinct_2'))} | {_f(c.get('vocab_size'))} |" for n, c in (("synthetic", s), ("real held-out", r))],
         f"- Length KS statistic {_f(dist.get('ks_length'))}; unigram Jensen-Shannon distance "
         f"{_f(dist.get('js_unigram'))}.",
-        f"- Held-out NLL per token under the fine-tuned model: {_f(ev['heldout_nll_per_token'])} nats"
+        "- Held-out NLL: not applicable (no model was trained)." if pe else
+        f"- Held-out NLL per token under the fine-tuned model: {_f(ev.get('heldout_nll_per_token'))} nats"
         + (f" (base model: {_f(ev['heldout_nll_per_token_base'])})" if "heldout_nll_per_token_base" in ev else "")
         + ".", "",
         "### Memorisation",
@@ -124,7 +135,8 @@ def render_datacard(record: dict[str, Any], p: PrivacyStatement, *, public: bool
         c = ev["canaries"]
         for rep, v in c["by_repetitions"].items():
             lines.append(f"- Canaries inserted {rep}x: mean exposure {_f(v['mean_exposure_bits'], 2)} bits "
-                         f"(n={v['n']}; chance ~1 bit, max measurable {_f(c['max_measurable_bits'], 1)}).")
+                         f"(n={v['n']}; chance ~1 bit, max measurable {_f(c['max_measurable_bits'], 1)}"
+                         + (f"; score: {c['score']}" if "score" in c else "") + ").")
         lines.append(f"- A canary secret appears in the synthetic data: {'YES' if c['secret_in_synthetic'] else 'no'}.")
     t = record["timing_seconds"]
     lines += ["", "## Provenance",

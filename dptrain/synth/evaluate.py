@@ -109,12 +109,15 @@ def downstream(train_texts, train_y, test_texts, test_y, *, seed: int = 0) -> di
 
 
 def evaluate_synthetic(recipe, data, train_texts: list[str], train_y: np.ndarray, records, canaries, model, tok,
-                       prompts: dict[str, str], *, real_dp: dict[str, Any] | None = None) -> dict[str, Any]:
+                       prompts: dict[str, str], *, real_dp: dict[str, Any] | None = None,
+                       fine_tuned: bool = True) -> dict[str, Any]:
     """Downstream utility, fidelity, memorisation and canary exposure of the synthetic ``records``.
 
     ``train_texts`` / ``train_y``: the real records the LM was trained on; ``data``: the loaded text data (its
     held-out split is the test set); ``model``: the fine-tuned LM (with its LoRA adapters, to compare against
-    the base model); ``real_dp``: the DP baseline's result (:mod:`dptrain.synth.baseline`), placed under
+    the base model); ``fine_tuned=False`` (Private Evolution: the model is the public base model) skips the
+    held-out NLL and measures canary exposure in the embedding space instead -- a canary's rank, among
+    same-format references, by its similarity to the nearest synthetic record; ``real_dp``: the DP baseline's result (:mod:`dptrain.synth.baseline`), placed under
     ``downstream``. Uses the real records: the result is for the data owner, not covered by the DP guarantee."""
     from dptrain.audit.exposure import canary_exposure
     from dptrain.synth import scoring
@@ -148,14 +151,15 @@ def evaluate_synthetic(recipe, data, train_texts: list[str], train_y: np.ndarray
     tr = [train_texts[i] for i in np.sort(rng.choice(len(train_texts), n_mem, replace=False))]
     ho = [data.texts_test[i] for i in np.sort(rng.choice(len(data.texts_test), n_mem, replace=False))]
     out["memorisation"] = {"ngram_overlap": safe(tm.ngram_overlap, syn_texts, tr, ho, n=cfg.ngram)}
-    n_nll = min(64, cfg.fidelity_records)
-    out["heldout_nll_per_token"] = scoring.heldout_nll(model, tok, prompts, classes, data, recipe.seed, max_length,
-                                                       n_nll)
-    if hasattr(model, "disable_adapter"):  # the same records under the base model: did fine-tuning help?
-        with model.disable_adapter():
-            out["heldout_nll_per_token_base"] = scoring.heldout_nll(model, tok, prompts, classes, data, recipe.seed,
-                                                                    max_length, n_nll)
-    if canaries:
+    if fine_tuned:
+        n_nll = min(64, cfg.fidelity_records)
+        out["heldout_nll_per_token"] = scoring.heldout_nll(model, tok, prompts, classes, data, recipe.seed,
+                                                           max_length, n_nll)
+        if hasattr(model, "disable_adapter"):  # the same records under the base model: did fine-tuning help?
+            with model.disable_adapter():
+                out["heldout_nll_per_token_base"] = scoring.heldout_nll(model, tok, prompts, classes, data,
+                                                                        recipe.seed, max_length, n_nll)
+    if canaries and fine_tuned:
         prompt = prompts[classes[canaries[0]["label"]]]
 
         def score(texts: list[str]) -> np.ndarray:
@@ -163,6 +167,15 @@ def evaluate_synthetic(recipe, data, train_texts: list[str], train_y: np.ndarray
                                         max_length=max_length)
 
         out["canaries"] = canary_exposure(score, canaries, syn_texts, references=cfg.canary_references)
+    elif canaries:  # the released text is the only channel: is a canary closer to it than a random candidate?
+        encoder = scoring.load_sentence_encoder()
+        syn_emb = encoder(syn_texts)
+
+        def score(texts: list[str]) -> np.ndarray:  # lower = closer to the synthetic data (like an NLL)
+            return 1.0 - (encoder(texts) @ syn_emb.T).max(axis=1)
+
+        out["canaries"] = canary_exposure(score, canaries, syn_texts, references=cfg.canary_references)
+        out["canaries"]["score"] = "1 - cosine similarity to the nearest synthetic record (all-MiniLM-L6-v2)"
     return out
 
 

@@ -312,5 +312,41 @@ def generate(model, tokenizer, prompt: str, n: int, *, top_k: int = 50, top_p: f
     return out
 
 
-__all__ = ["SMOLLM2", "PrefixLMTask", "add_lora", "cache_dir", "encode_records", "lm_loss", "split_decoder", "generate",
+def generate_many(model, tokenizer, prompts: list[str], *, top_k: int = 50, top_p: float = 0.95,
+                  temperature: float = 1.0, max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0,
+                  progress=None) -> list[str]:
+    """One sampled continuation per prompt (in order), batched by prompt length with left padding.
+
+    Deterministic for a given seed, model, prompts and batch size (torch's global RNG is forked)."""
+    import torch
+
+    if not prompts:
+        return []
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = np.argsort([len(e) for e in enc], kind="stable")
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    out: list[str] = [""] * len(prompts)
+    model.train(False)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        for s in range(0, len(order), batch_size):
+            rows = order[s:s + batch_size]
+            width = max(len(enc[i]) for i in rows)
+            ids = torch.full((len(rows), width), eos, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, i in enumerate(rows):
+                ids[j, width - len(enc[i]):] = torch.tensor(enc[i])
+                mask[j, width - len(enc[i]):] = 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=top_k,
+                                 top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=eos)
+            for j, t in enumerate(tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)):
+                out[rows[j]] = t.strip()
+            if progress is not None:
+                progress(len(rows))
+    return out
+
+
+__all__ = ["SMOLLM2", "generate_many", "PrefixLMTask", "add_lora", "cache_dir", "encode_records", "lm_loss", "split_decoder", "generate",
            "load_causal_lm", "per_example_lm_loss", "prefix_lm_batch"]

@@ -50,6 +50,14 @@ COVERS = ("the training records (add/remove one record) for everything under rel
           "covered, never to be published: private/ (the evaluation computed on the real training and held-out "
           "records, including a separate DP classifier run; the secret canaries; the checkpoint with the secret "
           "noise seed)")
+PE_COVERS = ("the training records (add/remove one record) for everything under release/: synthetic.jsonl, "
+             "DATACARD.md, the noisy label counts, this statement and the ledger (its steps are Private Evolution's "
+             "vote rounds: every record votes once per round for its nearest candidate, a histogram of L2 "
+             "sensitivity 1 released with Gaussian noise). NOT covered, never to be published: private/ (the "
+             "evaluation on real records, including a separate DP classifier run; the secret canaries; the "
+             "checkpoint with the secret noise seed and the candidates)")
+PE_PUBLIC = ("the base model, tokenizer, prompt template, topics and label names, the sentence encoder "
+             "(all-MiniLM-L6-v2), the recipe, and the number of records as stated in 'units'")
 PUBLIC = ("the base model, tokenizer, prompt template and label names, the recipe (incl. synthesis.train_fraction), "
           "and the number of records as stated in 'units'")
 
@@ -122,21 +130,23 @@ def synthesize(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, dp_
 
 def _synthesize(session: Session, recipe: Recipe, out: Path, *, resume: bool, dp_seed: int | None,
                 progress: bool) -> RunResult:
-    import torch
-
+    from dptrain.config_synth import fill_prompt
     from dptrain.data.identity import dataset_identity
     from dptrain.synth.histogram import dp_label_counts, histogram_event, records_per_label
-    from dptrain.synth.lm import PrefixLMTask, add_lora, encode_records, load_causal_lm
-    from dptrain.trainers.opacus_backend import OpacusTrainer, resolve_device
+    from dptrain.synth.lm import load_causal_lm
 
     syn = recipe.synthesis
     rd = session.rd
+    pe = syn.method == "private_evolution"
 
     # ---- validate before writing anything ----
     data = _load(recipe)
     if syn.prior is not None and len(syn.prior) != len(data.classes):
         raise RunError(f"synthesis.prior: {len(syn.prior)} weights for the {len(data.classes)} declared classes "
                        f"{data.classes}; give one weight per class")
+    if syn.topics is not None and sorted(syn.topics) != sorted(data.classes):
+        raise RunError(f"synthesis.topics: keys {sorted(syn.topics)} must be the declared classes {data.classes}; "
+                       "give one topic list per class")
     keep = _subset(data.texts_train, syn.train_fraction, recipe.seed)
     texts = [data.texts_train[i] for i in keep]
     labels = data.y_train[keep].astype(np.int64)
@@ -144,20 +154,17 @@ def _synthesize(session: Session, recipe: Recipe, out: Path, *, resume: bool, dp
     ev_cfg = syn.evaluation
     n_canary_rows = ev_cfg.canaries * sum(ev_cfg.canary_repetitions)  # public: from the recipe
     hist_event = histogram_event(syn.histogram_noise_multiplier) if syn.label_counts == "dp_histogram" else None
+    from dptrain.synth.pe import pe_plan
+
     plan = session.make_plan(len(texts), public_extra=n_canary_rows, privacy_unit="example",
-                             releases=(("label_histogram", hist_event),) if hist_event else ())
+                             releases=(("label_histogram", hist_event),) if hist_event else (),
+                             build=pe_plan if pe else None)
     model, tok = load_causal_lm(recipe.model.source)
+    prompts = {c: fill_prompt(syn.prompt, c) for c in data.classes}
     lm = recipe.model
-    try:
-        lora = add_lora(model, r=lm.lora.r, alpha=lm.lora.alpha, target_modules=lm.lora.target_modules,
-                        top_layers=lm.lora.top_layers)
-    except ValueError as err:
-        raise TrainerError(f"model.lora: {err}") from None
-    lora.to(resolve_device(recipe.trainer.device))
-    prompts = {c: syn.prompt.format(label=c) for c in data.classes}
     for c in _canaries(recipe, data.classes, np.random.default_rng(0)):  # same format as the secret ones
         need = len(tok(prompts[data.classes[c["label"]]] + c["text"], add_special_tokens=False)["input_ids"]) + 1
-        if need > lm.max_length:
+        if need > lm.max_length and not pe:
             raise RunError(f"model.max_length: {lm.max_length} tokens cannot hold a canary with its prompt ({need}); "
                            "raise model.max_length or shorten synthesis.prompt")
     dataset_id = dataset_identity(recipe.data)
@@ -178,12 +185,90 @@ def _synthesize(session: Session, recipe: Recipe, out: Path, *, resume: bool, dp
     all_texts = texts + [c["text"] for c in canaries for _ in range(c["repetitions"])]
     all_labels = np.concatenate([labels, np.array([c["label"] for c in canaries for _ in range(c["repetitions"])],
                                                   np.int64)])
-    x_tok, y_tok = encode_records(tok, [prompts[data.classes[k]] for k in all_labels], all_texts,
+    weights = noisy if noisy is not None else np.asarray(syn.prior, float)
+    targets = records_per_label(weights, syn.records)
+    t0 = time.time()
+    if pe:
+        records, model_out, info = _evolve(session, recipe, data, model, tok, all_texts, all_labels, targets,
+                                           progress=progress)
+        train_seconds, gen_seconds = 0.0, time.time() - t0
+    else:
+        model_out, info = _finetune(session, recipe, model, tok, prompts, all_texts, all_labels, data.classes,
+                                    log_loss=not canaries, progress=progress)
+        train_seconds = time.time() - t0
+        records, gen_seconds = _sample(model_out, tok, prompts, targets, data.classes, syn.generation, progress)
+    session.settle()  # a budget refusal stops the run before anything is released
+    out_side = session.release_dir()  # release/ for a DP run, private/NOT-PRIVATE/ otherwise
+    atomic_write_bytes(out_side / SYNTHETIC, "".join(json.dumps(r) + "\n" for r in records).encode())
+    if not pe:
+        model_out.save_pretrained(out_side / "adapters")  # the released model: LoRA adapters only
+
+    # ---- evaluate (uses the real training and held-out records: private) ----
+    releases = {} if hist_event is None else {"label_histogram": {
+        "noise_std": syn.histogram_noise_multiplier, "l2_sensitivity": 1.0}}
+    statement = run_statement(plan, session.ledger, recipe, session.count, releases=releases,
+                              covers=PE_COVERS if pe else COVERS, public=PE_PUBLIC if pe else PUBLIC)
+    t2 = time.time()
+    real_dp = None
+    if ev_cfg.dp_baseline and statement.is_private:  # a second DP run on the same records: private
+        from dptrain.synth.baseline import BASELINE_DIR, dp_text_classifier
+
+        # this run's released count (never a new draw, never the exact n); a failure is recorded, not raised
+        real_dp = safe(dp_text_classifier, rd.private / BASELINE_DIR, texts, labels, data.texts_test, data.y_test,
+                       epsilon=statement.epsilon, delta=statement.delta, seed=recipe.seed,
+                       released_units=statement.units.value, dataset_id=dataset_id,
+                       dataset_budget=recipe.privacy.dataset_budget, resume=resume, progress=progress)
+    evaluation = evaluate_synthetic(recipe, data, texts, labels, records, canaries, model_out, tok, prompts,
+                                    real_dp=real_dp, fine_tuned=not pe)
+    from dptrain.synth.datacard import render_datacard
+    from dptrain.synth.textmetrics import text_stats
+
+    record = {
+        "command": "synth",
+        "method": syn.method,
+        "label_counts": {"mode": syn.label_counts,
+                         "noisy_counts": None if noisy is None else dict(zip(data.classes, noisy.tolist(), strict=True)),
+                         "prior": syn.prior, "generated": dict(zip(data.classes, targets.tolist(), strict=True))},
+        "model": {"source": lm.source, "max_length": lm.max_length, **info},
+        "generation": syn.generation.model_dump(),
+        "synthetic_stats": safe(text_stats, [r["text"] for r in records]),
+        "data": {"source": data.source, "classes": data.classes, "n_train_available": len(data.texts_train),
+                 "n_train_used": len(texts), "n_test": len(data.texts_test), "canary_rows": n_canary_rows,
+                 "num_units": len(all_texts), "privacy_unit": "example", "train_fraction": syn.train_fraction,
+                 "preprocessing": data.preprocessing,
+                 "note": "exact counts: private (the statement releases only 'units')"},
+        "evaluation": evaluation,
+        "timing_seconds": {"training_this_session": round(train_seconds, 1), "generation": round(gen_seconds, 1),
+                           "evaluation": round(time.time() - t2, 1)},
+    }
+    from dptrain.lifecycle import software_versions
+
+    full = {**record, "recipe": recipe.name, "versions": software_versions()}
+    atomic_write_bytes(out_side / DATACARD, render_datacard(full, statement, public=True).encode())
+    atomic_write_bytes(rd.private / EVALUATION, render_datacard(full, statement, public=False).encode())
+    record = session.finish(statement, record)
+    return RunResult(out, record)
+
+
+def _finetune(session: Session, recipe: Recipe, model, tok, prompts: dict[str, str], all_texts: list[str],
+              all_labels: np.ndarray, classes: list[str], *, log_loss: bool, progress: bool):
+    """DP fine-tuning of LoRA adapters through THE loop (resumable); returns (model, record info)."""
+    import torch
+
+    from dptrain.synth.lm import PrefixLMTask, add_lora, encode_records
+    from dptrain.trainers.opacus_backend import OpacusTrainer, resolve_device
+
+    lm, plan = recipe.model, session.plan
+    try:
+        lora = add_lora(model, r=lm.lora.r, alpha=lm.lora.alpha, target_modules=lm.lora.target_modules,
+                        top_layers=lm.lora.top_layers)
+    except ValueError as err:
+        raise TrainerError(f"model.lora: {err}") from None
+    lora.to(resolve_device(recipe.trainer.device))
+    x_tok, y_tok = encode_records(tok, [prompts[classes[k]] for k in all_labels], all_texts,
                                   max_length=lm.max_length)
     num_units = len(all_texts)
-
     cache_below = lm.lora.top_layers if lm.lora.top_layers and lm.lora.cache_frozen_layers else None
-    t0 = time.time()
     if session.start_step < plan.steps:
         with _bar(None, "caching frozen layers", progress and cache_below is not None) as bar:  # no exact count
             task = PrefixLMTask(lora, x_tok, cache_below=cache_below, progress=bar.update)
@@ -198,75 +283,78 @@ def _synthesize(session: Session, recipe: Recipe, out: Path, *, resume: bool, dp
     rows = np.arange(len(x_tok))[:, None]
     sampler = UnitSampler(np.arange(num_units), num_units, plan.scheme, dp_seed=session.dp_seed,
                           secure=recipe.privacy.secure_rng)
-    session.fit(trainer, sampler, rows, y_tok, np.arange(num_units), progress=progress, log_loss=not canaries)
-    train_seconds = time.time() - t0
+    session.fit(trainer, sampler, rows, y_tok, np.arange(num_units), progress=progress, log_loss=log_loss)
+    return trainer.trained_model(), {"lora": lm.lora.model_dump(),
+                                     "trainable_parameters": trainer.num_trainable_parameters()}
 
-    # ---- generate (post-processing) ----
-    weights = noisy if noisy is not None else np.asarray(syn.prior, float)
-    targets = records_per_label(weights, syn.records)
-    gen = syn.generation
-    model_out = trainer.trained_model()
+
+def _sample(model, tok, prompts: dict[str, str], targets: np.ndarray, classes: list[str], gen, progress: bool):
+    """``targets[k]`` samples per class from the fine-tuned model (post-processing); (records, seconds)."""
+    from dptrain.synth.lm import generate
+
     records: list[dict[str, str]] = []
     t1 = time.time()
-    with _bar(syn.records, "generating", progress) as bar:
-        for k, c in enumerate(data.classes):
-            from dptrain.synth.lm import generate
-
-            for text in generate(model_out, tok, prompts[c], int(targets[k]), top_k=gen.top_k, top_p=gen.top_p,
+    with _bar(int(targets.sum()), "generating", progress) as bar:
+        for k, c in enumerate(classes):
+            for text in generate(model, tok, prompts[c], int(targets[k]), top_k=gen.top_k, top_p=gen.top_p,
                                  temperature=gen.temperature, max_new_tokens=gen.max_new_tokens,
                                  batch_size=gen.batch_size, seed=gen.seed + 1000 * k, progress=bar.update):
                 records.append({"text": text, "label": c})
-    gen_seconds = time.time() - t1
-    session.settle()  # a budget refusal stops the run before anything is released
-    out_side = session.release_dir()  # release/ for a DP run, private/NOT-PRIVATE/ otherwise
-    atomic_write_bytes(out_side / SYNTHETIC, "".join(json.dumps(r) + "\n" for r in records).encode())
-    model_out.save_pretrained(out_side / "adapters")  # the released model: LoRA adapters only
+    return records, time.time() - t1
 
-    # ---- evaluate (uses the real training and held-out records: private) ----
-    releases = {} if hist_event is None else {"label_histogram": {
-        "noise_std": syn.histogram_noise_multiplier, "l2_sensitivity": 1.0}}
-    statement = run_statement(plan, session.ledger, recipe, session.count, releases=releases, covers=COVERS,
-                              public=PUBLIC)
-    t2 = time.time()
-    real_dp = None
-    if ev_cfg.dp_baseline and statement.is_private:  # a second DP run on the same records: private
-        from dptrain.synth.baseline import BASELINE_DIR, dp_text_classifier
 
-        # this run's released count (never a new draw, never the exact n); a failure is recorded, not raised
-        real_dp = safe(dp_text_classifier, rd.private / BASELINE_DIR, texts, labels, data.texts_test, data.y_test,
-                       epsilon=statement.epsilon, delta=statement.delta, seed=recipe.seed,
-                       released_units=statement.units.value, dataset_id=dataset_id,
-                       dataset_budget=recipe.privacy.dataset_budget, resume=resume, progress=progress)
-    evaluation = evaluate_synthetic(recipe, data, texts, labels, records, canaries, model_out, tok, prompts,
-                                    real_dp=real_dp)
-    from dptrain.synth.datacard import render_datacard
-    from dptrain.synth.textmetrics import text_stats
+def _evolve(session: Session, recipe: Recipe, data, model, tok, all_texts: list[str], all_labels: np.ndarray,
+            targets: np.ndarray, *, progress: bool):
+    """Private Evolution (:mod:`dptrain.synth.pe`) with the session's ledger and checkpoint: the state after
+    every round (population, round, ledger with that round's release) is saved atomically to the checkpoint,
+    so a resumed run continues from the last finished round and never re-spends one. (records, model, info)."""
+    from accounting.statement import encode_float
+    from dptrain.config_synth import fill_prompt
+    from dptrain.rundir import recipe_hash
+    from dptrain.synth.lm import generate_many
+    from dptrain.synth.pe import PEConfigView, evolve
+    from dptrain.synth.scoring import load_sentence_encoder
+    from dptrain.trainers.checkpoint import save_checkpoint
 
-    record = {
-        "command": "synth",
-        "label_counts": {"mode": syn.label_counts,
-                         "noisy_counts": None if noisy is None else dict(zip(data.classes, noisy.tolist(), strict=True)),
-                         "prior": syn.prior, "generated": dict(zip(data.classes, targets.tolist(), strict=True))},
-        "model": {"source": lm.source, "lora": lm.lora.model_dump(), "max_length": lm.max_length,
-                  "trainable_parameters": trainer.num_trainable_parameters()},
-        "generation": gen.model_dump(),
-        "synthetic_stats": safe(text_stats, [r["text"] for r in records]),
-        "data": {"source": data.source, "classes": data.classes, "n_train_available": len(data.texts_train),
-                 "n_train_used": len(texts), "n_test": len(data.texts_test), "canary_rows": n_canary_rows,
-                 "num_units": num_units, "privacy_unit": "example", "train_fraction": syn.train_fraction,
-                 "preprocessing": data.preprocessing,
-                 "note": "exact counts: private (the statement releases only 'units')"},
-        "evaluation": evaluation,
-        "timing_seconds": {"training_this_session": round(train_seconds, 1), "generation": round(gen_seconds, 1),
-                           "evaluation": round(time.time() - t2, 1)},
-    }
-    from dptrain.lifecycle import software_versions
+    syn, plan, rd, ledger = recipe.synthesis, session.plan, session.rd, session.ledger
+    pe, gen = syn.private_evolution, syn.generation
+    topics = syn.topics or {c: [""] for c in data.classes}
+    prompts = {k: [fill_prompt(syn.prompt, c, t) for t in topics[c]] for k, c in enumerate(data.classes)}
+    log = (lambda msg: print(f"private evolution: {msg}", flush=True)) if progress else None
+    encoder = load_sentence_encoder()
+    private_emb = encoder(all_texts)
+    restored = session.checkpoint["trainer"]["pe"] if session.checkpoint is not None else None
+    session.checkpoint = None
+    if restored is not None and int(restored["round"]) != ledger.steps:
+        raise RunError(f"--resume: {rd.checkpoint} holds round {restored['round']} but its ledger {ledger.steps} "
+                       "rounds; start a new run")
 
-    full = {**record, "recipe": recipe.name, "versions": software_versions()}
-    atomic_write_bytes(out_side / DATACARD, render_datacard(full, statement, public=True).encode())
-    atomic_write_bytes(rd.private / EVALUATION, render_datacard(full, statement, public=False).encode())
-    record = session.finish(statement, record)
-    return RunResult(out, record)
+    def on_round(state: dict[str, Any]) -> None:
+        released = state.pop("released")
+        if released is not None:
+            ledger.compose(plan.step_event(released["round"]))
+            session.metrics.append({"round": released["round"] + 1, "step": ledger.steps,
+                                    "epsilon_upper_bound": encode_float(ledger.epsilon(plan.delta, quick=True))})
+        save_checkpoint(rd.checkpoint, {"trainer": {"pe": state}, "ledger": json.dumps(ledger.to_dict()),
+                                        "step": ledger.steps, "recipe_sha256": recipe_hash(session.config_text),
+                                        "dp_seed": session.dp_seed, "metrics": json.dumps(session.metrics)})
+        ledger.save(rd.ledger)
+
+    def generate(ps: list[str], seed: int) -> list[str]:
+        with _bar(len(ps), "generating", progress) as bar:
+            return generate_many(model, tok, ps, top_k=gen.top_k, top_p=gen.top_p, temperature=gen.temperature,
+                                 max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, seed=gen.seed + seed,
+                                 progress=bar.update)
+
+    cfg = PEConfigView(rounds=pe.rounds, oversample=pe.oversample, elite_fraction=pe.elite_fraction,
+                       threshold=pe.threshold, variation_keep=pe.variation_keep)
+    out, _ = evolve(prompts=prompts, targets={k: int(t) for k, t in enumerate(targets)}, private_emb=private_emb,
+                    private_labels=all_labels, embed=encoder, generate=generate, cfg=cfg,
+                    sigma=plan.noise_multiplier, dp_seed=session.dp_seed, seed=recipe.seed,
+                    secure=recipe.privacy.secure_rng, state=restored, on_round=on_round, progress=log)
+    records = [{"text": t, "label": data.classes[k]} for k, t in out]
+    return records, model, {"method": "private_evolution", "private_evolution": pe.model_dump(),
+                            "topics": syn.topics, "embedding": "all-MiniLM-L6-v2 (public)"}
 
 
 class _bar:

@@ -87,6 +87,16 @@ def count_units(recipe: Recipe, true_units: int, public_extra: int = 0) -> UnitC
     return UnitCount(max(1, int(round(noisy))), "dp_count", float(p.count_noise_multiplier), public_extra)
 
 
+def plan_delta(recipe: Recipe, n: int) -> float:
+    """``privacy.delta`` (or the default for ``n`` released units), refused unless < 1/n."""
+    p = recipe.privacy
+    delta = p.delta if p.delta is not None else default_delta(n)
+    if delta >= 1.0 / n:
+        raise acc.InvalidParameterError("privacy.delta", delta, "< 1/n for the number of units",
+                                        "delta >= 1/n permits releasing a whole record")
+    return delta
+
+
 @dataclass(frozen=True)
 class PrivacyPlan:
     scheme: acc.SamplingScheme
@@ -154,10 +164,7 @@ class PrivacyPlan:
                 "<= the number of training units" + (" (as declared)" if count.source == "declared" else
                                                      " (too few units for this batch size)"),
                 "lower the batch size")
-        delta = p.delta if p.delta is not None else default_delta(n)
-        if delta >= 1.0 / n:
-            raise acc.InvalidParameterError("privacy.delta", delta, "< 1/n for the number of units",
-                                            "delta >= 1/n permits releasing a whole record")
+        delta = plan_delta(recipe, n)
         if p.sampling == "poisson":  # the JAX backend pads to a few static shapes; no truncation, no n in the event
             scheme: acc.SamplingScheme = acc.PoissonSampling.from_batch_size(t.batch_size, n)
         else:

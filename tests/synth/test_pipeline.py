@@ -32,7 +32,7 @@ def corpus(tmp_path_factory):
     return path
 
 
-def _recipe(tiny, corpus, **over):
+def _recipe(tiny, corpus, _drop=(), **over):
     tree = {
         "name": "tiny-synth",
         "data": {"source": str(corpus), "positive_label": "abnormal", "test_fraction": 0.25,
@@ -55,6 +55,12 @@ def _recipe(tiny, corpus, **over):
         for p in path:
             node = node.setdefault(p, {})
         node[last] = value
+    for key in _drop:  # dotted keys to remove
+        node = tree
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node.pop(last, None)
     return parse_recipe(tree)
 
 
