@@ -116,7 +116,12 @@ class MissingRule(_Strict):
 
 
 class DataConfig(_Strict):
-    source: str = Field(description="builtin:NAME, or a path to a .csv / .parquet file")
+    source: str = Field(description="builtin:NAME, a path to a .csv / .parquet file, or a database URL "
+                                    "(sqlite:///PATH, duckdb:///PATH, postgresql://HOST/DB; no password) read "
+                                    "with data.query")
+    query: str | None = Field(None, description="SQL query whose result is the table: required when data.source "
+                                                "is a database URL, refused otherwise; run read-only "
+                                                "(dptrain.data.sql)")
     label: str | None = Field(None, description="label column (built-ins have a default)")
     positive_label: Value | list[Value] | None = Field(
         None, description="value of the label that counts as positive, or a list of them ([1, 2, 3, 4]); labels "
@@ -150,6 +155,54 @@ class DataConfig(_Strict):
                                                         "or a built-in image dataset")
     text: str | None = Field(None, description="text data (dptrain synth): the text column of a CSV / JSONL file "
                                                "(default 'text')")
+
+    @staticmethod
+    def is_database_url(source: str) -> bool:
+        """True when ``source`` is a URL (``SCHEME://...``): a database read with ``data.query``."""
+        scheme, sep, _ = source.partition("://")
+        return bool(sep) and scheme[:1].isalpha() and all(c.isalnum() or c in "+.-" for c in scheme)
+
+    @staticmethod
+    def masked_url(text: str) -> str:
+        """``text`` with every URL password (``user:PASSWORD@host``, ``password=...``) replaced by ``***``."""
+        import re
+
+        text = re.sub(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*):[^\s'\"]*@", r"\1:***@", text)
+        return re.sub(r"(?i)\b(password|passwd|pwd)=[^&;\s'\"]*", r"\1=***", text)
+
+    @model_validator(mode="after")
+    def _database(self):
+        """``data.query`` exactly with a database URL; no password in the recipe (it is written to release/)."""
+        import re
+
+        shown = self.masked_url(self.source)
+        if not self.is_database_url(self.source):
+            if self.query is not None:
+                raise ValueError(f"data.query: set, but data.source {shown!r} is not a database URL; fix: remove "
+                                 "data.query, or give a database URL (sqlite:///PATH, duckdb:///PATH, "
+                                 "postgresql://HOST/DB) in data.source")
+            return self
+        kind = self.source.partition("://")[0].partition("+")[0].lower()
+        if kind not in ("sqlite", "duckdb", "postgresql"):
+            raise ValueError(f"data.source: {shown!r} is a URL of kind {kind!r}, which dptrain does not read; fix: "
+                             "use sqlite:///PATH, duckdb:///PATH or postgresql://HOST/DB with data.query, or a local "
+                             ".csv / .parquet file")
+        if shown != self.source:
+            raise ValueError(f"data.source: {shown!r} holds a password, which would be written to release/config.yaml "
+                             "and the run record; fix: remove it from the URL and give it to the driver outside the "
+                             "recipe (PostgreSQL: the PGPASSWORD environment variable or ~/.pgpass)")
+        if self.query is None or not self.query.strip():
+            raise ValueError(f"data.query: {'missing' if self.query is None else 'empty'} for the database source "
+                             f"{shown!r}; fix: add data.query: SELECT ... FROM ... ORDER BY ...")
+        if self.image is not None or self.text is not None:
+            raise ValueError("data.query: tables only (data.image and data.text read files); fix: remove data.image "
+                             "/ data.text, or export the manifest / texts to a file")
+        if self.privacy_unit is None and not re.search(r"(?i)\border\s+by\b", self.query):
+            raise ValueError("data.query: no ORDER BY, and without a data.privacy_unit the train / test split is by "
+                             "row position, which a database may change from one read to the next; fix: end the "
+                             "query with ORDER BY a unique column (e.g. ORDER BY record_id), or set "
+                             "data.privacy_unit")
+        return self
 
     @model_validator(mode="after")
     def _fractions(self):

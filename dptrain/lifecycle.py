@@ -7,6 +7,7 @@ A run directory is split by the release boundary (DESIGN invariant 8)::
         ledger.json         every DP event composed (the proof of the statement)
         config.yaml         the resolved recipe: the user's public declarations
         model.safetensors   the trained weights (train) + model.json: architecture and public preprocessing
+        MODEL_CARD.md       (train) the model card: public facts and the statement in words, no metric
         synthetic.jsonl, DATACARD.md, adapters/   (synth) synthetic records, their card, the LoRA weights
     RUN/private/   never publish: computed from real records outside the mechanism, or secret
         record.json         the full run record: statement + metrics on real test records + audit + counts
@@ -14,7 +15,7 @@ A run directory is split by the release boundary (DESIGN invariant 8)::
                             dptrain.trainers.checkpoint); removed when the run finishes
                             unless kept on request (then loudly labelled)
         state.json          what a resume needs besides the checkpoint (the released unit count, ...)
-        metrics.jsonl, predictions.parquet, audit.json, canaries.npz, evaluation.md, run_id
+        metrics.jsonl, predictions.parquet, audit.json, canaries.npz, evaluation.md, run_id, MODEL_CARD.md
 
 Guarantees: a refused run writes nothing; every file is written atomically; a finished run keeps no secret
 seed unless asked to; ``Session`` draws the DP unit count once (rank 0), persists it before training and

@@ -5,8 +5,9 @@ lifecycle of :mod:`dptrain.lifecycle`; this module composes it for classifiers. 
 with the input is checked before the run directory is created, so a refused run writes nothing. During
 training the checkpoint (private) is the single source of truth; ``resume`` continues from it with the same
 ledger, so no step of privacy spending is lost or counted twice. When the run finishes, ``release/`` holds the
-model weights (safetensors + model.json), the privacy statement, the ledger and the recipe; ``private/`` the
-record with test metrics, predictions, the audit and canary coins; the checkpoint (secret DP seed) is removed
+model weights (safetensors + model.json), the privacy statement, the ledger, the recipe and the model card
+(``MODEL_CARD.md``, :mod:`dptrain.release.card`); ``private/`` the record with test metrics, predictions, the
+audit, canary coins and the full model card; the checkpoint (secret DP seed) is removed
 unless ``keep_checkpoint``.
 
 Data-parallel: under ``torchrun --nproc_per_node N -m dptrain train ...`` (WORLD_SIZE > 1) ``train`` joins
@@ -28,14 +29,14 @@ from accounting.statement import PrivacyStatement
 from dptrain.config import Recipe, RecipeError
 from dptrain.data import TabularData, load_data
 from dptrain.data.augment import make_augmenter
-from dptrain.evaluate.metrics import utility_metrics
+from dptrain.evaluate.metrics import per_class_auroc, utility_metrics
 from dptrain.lifecycle import CHECKPOINT, RunDir, RunError, RunResult, Session, jsonable, run_statement
 from dptrain.trainers.base import TrainerError
 from dptrain.trainers.checkpoint import CheckpointError
 from dptrain.trainers.sampler import UnitSampler
 
 COVERS = ("the training records (add/remove one privacy unit) for everything under release/: the model weights "
-          "and their architecture, this statement, the ledger and the recipe. NOT covered, never to be published: "
+          "and their architecture, this statement, the ledger, the recipe and the model card. NOT covered, never to be published: "
           "private/ (test metrics and predictions on real held-out records, the audit, canary coins, the "
           "checkpoint with the secret DP seed)")
 PUBLIC = ("the recipe (declared feature bounds and categories, model, optimiser, batch size, epochs, seeds of the "
@@ -132,6 +133,7 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
                    progress: bool, checkpoint_every: int | None) -> RunResult:
     from dptrain.data.identity import dataset_identity
     from dptrain.release import save_release_model
+    from dptrain.release.card import write_model_cards
 
     rd = session.rd
 
@@ -190,11 +192,9 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
     # ---- release, evaluate and record (rank 0) ----
     def finish() -> dict[str, Any]:
         probs = trainer.predict(data.x_test)
-        test_metrics = utility_metrics(data.y_test, probs[:, 1] if probs.shape[1] == 2 else probs)
-        metrics = {"test": test_metrics}
+        metrics = {"test": _metrics(data.y_test, probs, data.classes)}
         if len(data.y_val):
-            pv = trainer.predict(data.x_val)
-            metrics["validation"] = utility_metrics(data.y_val, pv[:, 1] if pv.shape[1] == 2 else pv)
+            metrics["validation"] = _metrics(data.y_val, trainer.predict(data.x_val), data.classes)
         _write_predictions(rd.private / "predictions.parquet", data, probs)
         statement = run_statement(plan, session.ledger, recipe, session.count, covers=COVERS, public=PUBLIC)
         audit = _audit(trainer.predict, data, canaries, statement, recipe)
@@ -216,8 +216,12 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
                          "world_size": dist.world_size, "devices": trainer.num_devices},
         }
         record["model_files"] = str(session.release_dir().relative_to(rd.root))
-        return session.finish(statement, record, write_release=lambda: save_release_model(
-            session.release_dir(), recipe, data, trainer.release_weights()))
+
+        def write_release() -> None:  # the model, and its cards: publishable next to it, full in private/
+            save_release_model(session.release_dir(), recipe, data, trainer.release_weights())
+            write_model_cards(session.release_dir(), rd.private, statement, record, recipe)
+
+        return session.finish(statement, record, write_release=write_release)
 
     return RunResult(out, dist.on_main(finish))
 
@@ -261,6 +265,9 @@ def audit_run(out_dir: str | Path) -> dict[str, Any]:
     atomic_write_json(rd.private / "audit.json", audit)
     record["audit"] = _audit_summary(audit)
     atomic_write_json(rd.record, jsonable(record))
+    from dptrain.release.card import write_private_card
+
+    write_private_card(rd.private, jsonable(record), recipe)  # the publishable card holds no audit result
     return audit
 
 
@@ -300,6 +307,15 @@ def _audit_summary(audit: dict[str, Any]) -> dict[str, Any]:
     out["loss_attack_auc"] = audit["loss_attack"]["auc"]
     out["file"] = "private/audit.json"
     return out
+
+
+def _metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """utility_metrics; with more than two classes (softmax head) ``auroc`` is the macro one-vs-rest AUROC, and the
+    one-vs-rest AUROC of each class is added under ``auroc_per_class``."""
+    if probs.shape[1] == 2:
+        return utility_metrics(y, probs[:, 1])
+    return {**utility_metrics(y, probs), "auroc_average": "macro one-vs-rest",
+            "auroc_per_class": per_class_auroc(y, probs, classes)}
 
 
 def _write_predictions(path: Path, data: TabularData, probs: np.ndarray) -> None:

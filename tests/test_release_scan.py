@@ -24,7 +24,8 @@ FORBIDDEN_KEYS = {"metrics", "audit", "loss_attack", "evaluation", "n_train", "n
                   "predictions", "canaries", "included", "dp_seed", "y_true", "score", "n_train_used",
                   "n_train_available", "canary_auc", "auroc", "accuracy", "tpr_at_fpr"}
 RELEASE_NAMES = {"config.yaml", "ledger.json", "privacy.json", "model.safetensors", "model.json", "synthetic.jsonl",
-                 "DATACARD.md", "selection.json", "adapter_config.json", "adapter_model.safetensors", "README.md"}
+                 "DATACARD.md", "selection.json", "adapter_config.json", "adapter_model.safetensors", "README.md",
+                 "MODEL_CARD.md"}
 
 
 def _walk(obj, path="$"):

@@ -37,8 +37,9 @@ SIGMA = "privacy.noise_multiplier=1.5"  # instead of an epsilon target: no calib
 NO_EPS = "privacy.epsilon="  # empty value -> None, so that noise_multiplier may be given
 DP_SEED = 918273645546372819  # secret; must never appear outside the checkpoint
 METRIC_KEYS = {"epoch", "step", "epsilon_upper_bound", "train_loss_mean"}
-RELEASE_FILES = {"config.yaml", "ledger.json", "privacy.json", "model.safetensors", "model.json"}
-PRIVATE_FILES = {"run_id", "state.json", "metrics.jsonl", "predictions.parquet", "record.json", "audit.json"}
+RELEASE_FILES = {"config.yaml", "ledger.json", "privacy.json", "model.safetensors", "model.json", "MODEL_CARD.md"}
+PRIVATE_FILES = {"run_id", "state.json", "metrics.jsonl", "predictions.parquet", "record.json", "audit.json",
+                 "MODEL_CARD.md"}
 
 
 def rec_path(out: Path) -> Path:

@@ -24,7 +24,7 @@ Formal guarantees (towards invariant 4 of DESIGN.md)
   on one side.
 * Class names and their number come from declarations only (``data.classes`` or the positive label,
   :mod:`dptrain.data.labels`); they are never read from the labels, and labels outside the declared classes
-  are refused.
+  are refused. More than two declared classes make a multi-class label (softmax over the classes).
 
 Sharp edges
 -----------

@@ -2,7 +2,9 @@
 
 Class names and their number are public declarations, never read from the labels: a built-in's schema,
 ``data.positive_label`` (binary: ``LABEL!=POS`` / ``LABEL=POS``), a label coded 0 / 1 (``LABEL=0`` /
-``LABEL=1``), or ``data.classes`` (the label values, in label order; labels outside it are refused).
+``LABEL=1``), or ``data.classes`` (the label values, in label order; labels outside it are refused). More than two
+declared classes make a multi-class label (class index = position in ``data.classes``); ``positive_label`` with
+them is refused (it is for binary labels).
 Sensitive attributes are columns as written, or :class:`Derived` record by record from one column (fixed,
 data-independent codings and bins), never from statistics of the data.
 """
@@ -112,6 +114,11 @@ def _encode_declared(keys: pd.Series, label: str, positive: Any, declared: Seque
                      origin: str = FROM_RECIPE) -> tuple[np.ndarray, list[str], dict]:
     """Labels (canonical spellings) against declared classes: unknown labels refused, no class read from data."""
     names = declared_classes(declared)
+    if positive is not None and len(names) > 2:
+        raise _error("data.positive_label", f"{positive!r} is given with {len(names)} declared classes {names} "
+                     "(positive_label makes a binary label; data.classes with more than two classes a multi-class "
+                     "one)", "remove data.positive_label to train a multi-class classifier on data.classes, or "
+                     "remove data.classes to train positive_label against the rest")
     unknown = sorted(set(keys) - set(names))
     if unknown:
         raise _error("data.classes", f"column {label!r} has labels {_few(unknown)} outside the declared classes "

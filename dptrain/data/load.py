@@ -7,7 +7,9 @@ unless ``seed=`` is given explicitly. Image sources (:func:`is_image_source`):
 * a **MedMNIST** ``.npz`` the user downloaded, with its official split: :mod:`dptrain.data.medmnist`;
 * a **built-in** (``builtin:br35h``), converted once to a cached array file: :mod:`dptrain.data.image_builtins`.
 
-Everything else is a table (:mod:`dptrain.data.tabular`). Text is loaded by :mod:`dptrain.data.text`.
+A database URL with ``data.query`` (``sqlite:///PATH``, ``duckdb:///PATH``, ``postgresql://HOST/DB``) is a table
+read by :mod:`dptrain.data.sql` and encoded by the table loader. Everything else is a table
+(:mod:`dptrain.data.tabular`). Text is loaded by :mod:`dptrain.data.text`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dptrain.data.image_builtins import _load_builtin
 from dptrain.data.images import _load_manifest
 from dptrain.data.medmnist import _load_medmnist
 from dptrain.data.registry import IMAGE_BUILTINS
+from dptrain.data.sql import is_sql_source, load_sql_table
 from dptrain.data.tabular import load_tabular
 
 if TYPE_CHECKING:
@@ -31,6 +34,8 @@ def _builtin_name(source: str) -> str | None:
 
 def is_image_source(cfg: DataConfig) -> bool:
     """True when ``cfg`` describes images: ``data.image`` is set, an image built-in, or a ``.npz`` file."""
+    if is_sql_source(cfg):
+        return False
     return (cfg.image is not None or _builtin_name(cfg.source) in IMAGE_BUILTINS
             or cfg.source.lower().endswith(".npz"))
 
@@ -44,7 +49,9 @@ def load_data(cfg: DataConfig, *, seed: int | None = None, check: bool = True) -
     :func:`~dptrain.data.core.check_trainable` (a label with fewer than two classes, too few training units, a
     class missing from a split), with a :class:`DataError` that quotes no count; image manifests are checked
     before any pixel is read."""
-    if is_image_source(cfg):
+    if is_sql_source(cfg):
+        data = load_sql_table(cfg, seed=seed)
+    elif is_image_source(cfg):
         data = load_images(cfg, seed=seed, check=check)
     else:
         data = load_tabular(cfg, seed=seed)

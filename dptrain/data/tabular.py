@@ -101,7 +101,7 @@ class _Schema:
     notes: list[str]
 
 
-def _resolve(cfg: DataConfig) -> _Schema:
+def _resolve(cfg: DataConfig, given: pd.DataFrame | None = None) -> _Schema:
     declared_num = {k: (tuple(v), FROM_RECIPE) for k, v in (cfg.numeric or {}).items()}
     declared_cat = {k: (tuple(v), FROM_RECIPE) for k, v in (cfg.categorical or {}).items()}
     both = sorted(set(declared_num) & set(declared_cat))
@@ -139,7 +139,7 @@ def _resolve(cfg: DataConfig) -> _Schema:
                        numeric, categorical, list(cfg.sensitive if cfg.sensitive is not None else b.sensitive),
                        b.derived, row_filter, notes)
 
-    frame = _read_file(cfg.source)
+    frame = _read_file(cfg.source) if given is None else given
     if cfg.label is None:
         raise _error("data.label", f"no label column given for {cfg.source!r}",
                      f"set data.label to one of the columns: {_few(list(frame.columns), 12)}")
@@ -280,15 +280,16 @@ def _refuse_missing(refused: list[str], used: dict[str, str], rules: dict[str, d
 # --------------------------------------------------------------------------------------------------
 
 
-def load_tabular(cfg: DataConfig, *, seed: int | None = None) -> TabularData:
-    """Read, validate, encode and split the data described by ``cfg``.
+def load_tabular(cfg: DataConfig, *, seed: int | None = None, frame: pd.DataFrame | None = None) -> TabularData:
+    """Read, validate, encode and split the data described by ``cfg`` (``frame``: the table already read, e.g.
+    a SQL query's result, instead of reading ``cfg.source``).
 
     The split uses ``cfg.split_seed`` unless ``seed`` is given explicitly (never pass the training seed:
     every run on a dataset must share one split). Raises :class:`DataError` (one line: field, value, fix)
     for any unusable declaration or file.
     """
     seed = split_seed(cfg, seed)
-    schema = _resolve(cfg)
+    schema = _resolve(cfg, frame)
     frame = schema.frame
 
     # Every column the run will touch, with the recipe field that asked for it.

@@ -30,6 +30,10 @@ Multiclass (``scores`` of shape ``(n, C)``, ``C > 2``, rows summing to 1; labels
   ``1[argmax_c p_ic == y_i]``.
 - ``n``; there is no ``positive_rate``.
 
+``per_class_auroc(y_true, probs, classes)``: ``{class name: one-vs-rest AUROC}`` (column ``c`` against
+``y_true == c``; ``nan`` for a class absent from ``y_true`` or alone in it). With every class present their
+unweighted mean is the multiclass ``auroc`` (= ``roc_auc_score(multi_class="ovr", average="macro")``).
+
 Expected calibration error (``expected_calibration_error``): split [0, 1] into ``n_bins`` (default 15)
 equal-width bins ``B_b = [b/n_bins, (b+1)/n_bins)``, the last one closed at 1.0. With ``n_b`` examples in
 bin ``b``, ``ECE = sum_b (n_b / n) * |mean_{i in B_b} y_i - mean_{i in B_b} p_i|``. Empty bins contribute 0.
@@ -45,7 +49,7 @@ import math
 import numpy as np
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
-__all__ = ["expected_calibration_error", "utility_metrics"]
+__all__ = ["expected_calibration_error", "per_class_auroc", "utility_metrics"]
 
 DEFAULT_N_BINS = 15
 _ROW_SUM_ATOL = 1e-4  # tolerates float32 softmax outputs, catches logits and unnormalised scores
@@ -269,3 +273,27 @@ def utility_metrics(y_true: np.ndarray, scores: np.ndarray, *, threshold: float 
             f"fix: drop the threshold argument (multiclass accuracy uses the argmax)"
         )
     return _multiclass_metrics(y, s)
+
+
+def per_class_auroc(y_true, probs, classes) -> dict[str, float]:
+    """One-vs-rest AUROC per class, keyed by class name (see the module docstring); errors as utility_metrics."""
+    y = _as_labels(y_true)
+    p = _as_probabilities(probs, "probs")
+    names = [str(c) for c in classes]
+    if p.ndim != 2 or p.shape[1] != len(names) or len(names) < 2:
+        raise ValueError(
+            f"probs: expected shape (n, {len(names)}) (one column per class), got shape {p.shape}; "
+            f"fix: pass the class probabilities in the order of classes"
+        )
+    _check_same_length(y, p, "probs")
+    bad = y[(y < 0) | (y >= len(names))]
+    if bad.size:
+        raise ValueError(
+            f"y_true: labels must be in 0..{len(names) - 1}, got {np.unique(bad)[:5].tolist()}; "
+            f"fix: encode classes as 0..C-1 in the order of classes"
+        )
+    out = {}
+    for k, name in enumerate(names):
+        yk = (y == k).astype(np.int64)
+        out[name] = float(roc_auc_score(yk, p[:, k])) if 0 < yk.sum() < len(yk) else math.nan
+    return out

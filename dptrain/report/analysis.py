@@ -47,10 +47,11 @@ from accounting.statement import PrivacyStatement
 from dptrain.evaluate import fairness as fm
 from dptrain.lifecycle import RunDir, jsonable
 from dptrain.records import RecordError, RunRecord
+from dptrain.report import multiclass as mc
+from dptrain.report.multiclass import UTILITY
 from dptrain.report.selection_cost import composition, dominating_event, repeat_and_select
 from dptrain.report.sweep import eps_label
 
-UTILITY = ("auroc", "accuracy", "auprc", "ece")
 DEFAULT_BOOT = 1000
 SELECTION_FORMAT = "dptrain.sweep-selection/1"
 # The guarantee of the selection, word for word (report and release/selection.json).
@@ -82,9 +83,12 @@ class RunData:
     preds: pd.DataFrame
     sensitive: list[str]
     statement: PrivacyStatement | None = None  # the record's privacy statement, typed
+    classes: list[str] = field(default_factory=list)  # record data.classes; more than two: multi-class
     # filled by analyse()
     utility: dict[str, float] = field(default_factory=dict)
     utility_boot: dict[str, np.ndarray] = field(default_factory=dict)
+    per_class: dict[str, float] = field(default_factory=dict)  # multi-class: one-vs-rest AUROC per class
+    per_class_boot: dict[str, np.ndarray] = field(default_factory=dict)
     group_tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     group_boot: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
     gaps: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -152,14 +156,9 @@ def _read_run_files(rd: RunDir) -> tuple[dict[str, Any], RunRecord, int, pd.Data
         preds = pd.read_parquet(path)
     except Exception as err:  # missing, truncated or foreign: one line, the reader's message is not quoted
         raise ReportError(f"{path}: missing or not a readable Parquet file ({type(err).__name__}); {_RERUN}") from None
-    if "score" not in preds:
-        raise ReportError(f"{rd.root}: predictions have no 'score' column; the fairness report covers binary "
-                          "classifiers only")
-    y, score = preds.get("y_true"), preds["score"]
-    if not (len(preds) and y is not None and pd.api.types.is_numeric_dtype(y) and y.isin([0, 1]).all()
-            and pd.api.types.is_float_dtype(score) and score.between(0, 1).all()):
-        raise ReportError(f"{path}: expected a 0/1 'y_true' and a 'score' in [0, 1] per test record (not written by "
-                          f"dptrain, or edited); {_RERUN}")
+    problem = mc.check_predictions(preds, mc.run_classes(record))  # binary: y_true 0/1 and score; else prob_<class>
+    if problem:
+        raise ReportError(f"{path}: {problem} (not written by dptrain, or edited); {_RERUN}")
     return record, typed, int(cfg["seed"]), preds
 
 
@@ -185,10 +184,10 @@ def load_runs(sweep_dir: str | Path) -> tuple[dict[str, Any], list[RunData], lis
                             "error": fail.read_text(errors="replace").split("\n", 1)[0] if fail.is_file() else ""})
             continue
         record, typed, seed, preds = _read_run_files(rd)
-        st, sens = typed.privacy, [c for c in preds.columns if c not in ("y_true", "score")]
+        st, classes = typed.privacy, mc.run_classes(record)
         runs.append(RunData(name=name, dir=rd.root, backend=record["training"]["backend"], seed=seed, record=record,
-                            epsilon=st.epsilon if st.target_epsilon is None else st.target_epsilon,
-                            preds=preds, sensitive=sens, statement=st))
+                            epsilon=st.epsilon if st.target_epsilon is None else st.target_epsilon, preds=preds,
+                            sensitive=mc.sensitive_columns(preds, classes), statement=st, classes=classes))
     if not runs:
         raise ReportError(f"{root}: no finished run (no runs/*/private/record.json); run or resume the sweep first")
     return spec, runs, missing
@@ -256,6 +255,11 @@ class Analysis:
     selection: dict[str, Any]       # backend -> the selection and its privacy cost (holds private numbers too)
     split: dict[str, Any]           # the one split every run shares (record data.preprocessing.split)
     composition_all: dict[str, Any] | None = None  # every private run of every backend (None: one backend)
+    classes: list[str] = field(default_factory=list)  # more than two: multi-class (groupings are one-vs-rest views)
+
+    @property
+    def multiclass(self) -> bool:
+        return mc.is_multiclass(self.classes)
 
     def is_selected(self, r: RunData) -> bool:
         s = self.selection.get(r.backend)
@@ -273,6 +277,7 @@ class Analysis:
                 row[m] = r.utility[m]
                 lo, hi = fm.percentile_ci(r.utility_boot[m], self.level)
                 row[f"{m}_ci_low"], row[f"{m}_ci_high"] = lo, hi
+            row.update({f"auroc_one_vs_rest[{k}]": v for k, v in r.per_class.items()})  # multi-class only
             row["worst_group_auroc"], row["worst_group"] = r.worst_group[1], r.worst_group[0]
             for g in self.groupings:
                 for k in fm.GAPS:
@@ -321,34 +326,35 @@ def analyse(sweep_dir: str | Path, *, threshold: float | None = None, n_boot: in
     sens = runs[0].sensitive
     if any(r.sensitive != sens for r in runs):
         raise ReportError("runs disagree on the sensitive attributes; report one recipe's sweep at a time")
+    classes = runs[0].classes
+    if any(r.classes != classes for r in runs):
+        raise ReportError("runs disagree on the classes (record data.classes); report one recipe's sweep at a time")
     split = check_one_split(runs)
 
     # ---- one test set shared by every run: one bootstrap matrix, paired across all runs ----
     ref = runs[0].preds
     w = fm.bootstrap_weights(len(ref), n_boot, seed=boot_seed)
 
-    # without sensitive attributes (e.g. Br35H) the report has utility, privacy and audit, no fairness sections
+    # without sensitive attributes (e.g. Br35H) the report has utility, privacy and audit, no fairness sections;
+    # a multi-class sweep has one one-vs-rest view per class and grouping (binary: one view per grouping)
     groupings = fm.groupings(ref[sens]) if sens else []
-    names = [g.name for g in groupings]
-    single = names[:len(sens)]
+    names = [v.name for v in mc.views(ref, classes, groupings, len(sens))]
+    single = [v.name for v in mc.views(ref, classes, groupings, len(sens)) if v.single]
     for r in runs:
-        y, s = r.preds["y_true"].to_numpy(), r.preds["score"].to_numpy()
-        point = fm.weighted_metrics(y, s, np.ones((1, len(y))), threshold=thr)
-        boot = fm.weighted_metrics(y, s, w, threshold=thr)
-        r.utility = {m: float(point[m][0]) for m in UTILITY}
-        r.utility_boot = {m: boot[m] for m in UTILITY}
+        r.utility, r.utility_boot, r.per_class, r.per_class_boot = mc.utility(r.preds, classes, w, thr)
         worst = ("", math.inf)
-        for g in groupings:
+        for v in mc.views(r.preds, classes, groupings, len(sens)):
+            y, s, g = v.y, v.s, v.grouping
             table = fm.group_table(y, s, g, threshold=thr, min_group_size=min_group_size)
-            r.group_tables[g.name] = table
-            r.group_boot[g.name] = fm.group_metrics_boot(y, s, g, w, threshold=thr)
-            r.gaps[g.name] = fm.gaps(y, s, g, threshold=thr, min_group_size=min_group_size, table=table)
+            r.group_tables[v.name] = table
+            r.group_boot[v.name] = fm.group_metrics_boot(y, s, g, w, threshold=thr)
+            r.gaps[v.name] = fm.gaps(y, s, g, threshold=thr, min_group_size=min_group_size, table=table)
             eligible = table.loc[~table["small"], "group"].tolist()
-            r.gaps_boot[g.name] = fm.gaps_boot(y, s, g, w, threshold=thr, eligible=eligible)
-            if g.name in single:
+            r.gaps_boot[v.name] = fm.gaps_boot(y, s, g, w, threshold=thr, eligible=eligible)
+            if v.single:
                 for _, row in table[~table["small"]].iterrows():
                     if np.isfinite(row["auroc"]) and row["auroc"] < worst[1]:
-                        worst = (f"{g.name}={row['group']}", float(row["auroc"]))
+                        worst = (v.label(row["group"]), float(row["auroc"]))
         r.worst_group = worst if math.isfinite(worst[1]) else ("", math.nan)
 
     configs = _configs(runs, names, level)
@@ -357,7 +363,7 @@ def analyse(sweep_dir: str | Path, *, threshold: float | None = None, n_boot: in
     return Analysis(spec=spec, runs=runs, missing=missing, threshold=thr, n_boot=n_boot, level=level,
                     min_group_size=min_group_size, groupings=names, single=single, configs=configs,
                     groups=groups, pearson=_pearson(runs, names), selection=selection, split=split,
-                    composition_all=composition_all)
+                    composition_all=composition_all, classes=classes)
 
 
 def _configs(runs: list[RunData], names: list[str], level: float) -> list[dict[str, Any]]:
@@ -368,6 +374,8 @@ def _configs(runs: list[RunData], names: list[str], level: float) -> list[dict[s
         ref = {r.seed: r for r in runs if r.backend == b and not r.private}
         c: dict[str, Any] = {"backend": b, "epsilon": e, "seeds": [r.seed for r in rs], "runs": [r.name for r in rs]}
         c["utility"] = {m: _agg([r.utility[m] for r in rs], [r.utility_boot[m] for r in rs], level) for m in UTILITY}
+        c["per_class_auroc"] = {k: _agg([r.per_class[k] for r in rs], [r.per_class_boot[k] for r in rs], level)
+                                for k in rs[0].per_class}  # multi-class only
         c["validation_auroc"] = _agg([r.validation_auroc for r in rs], [], level)  # the selection's criterion
         c["worst_group_auroc"] = _agg([r.worst_group[1] for r in rs], [], level)
         c["gaps"] = {g: {k: _agg([r.gaps[g][k] for r in rs], [r.gaps_boot[g][k] for r in rs], level)

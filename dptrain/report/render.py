@@ -25,6 +25,7 @@ import pandas as pd
 from accounting.atomic import atomic_write_bytes, atomic_write_json
 from dptrain.evaluate import fairness as fm
 from dptrain.lifecycle import PRIVATE, RELEASE
+from dptrain.report import multiclass as mc
 from dptrain.report.analysis import NOT_COVERED, SELECTION_WORDING, UTILITY, Analysis, selection_statement
 from dptrain.report.sweep import eps_label
 
@@ -69,7 +70,8 @@ def _sd(a: dict[str, Any]) -> str:
 def _tables(an: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """[(id, title, header, rows)] in report order."""
     out = []
-    hdr = (["backend", "epsilon", "seeds"] + [f"{m} [95% CI] (sd over seeds)" for m in UTILITY]
+    hdr = (["backend", "epsilon", "seeds"] + [f"{mc.TITLES[m] if an.multiclass else m} [95% CI] (sd over seeds)"
+                                              for m in UTILITY]
            + ["worst-group AUROC", "validation AUROC (selection only)", "selected"])
     selected = {(b, s["selected_epsilon"]) for b, s in an.selection.items()}
     rows = [[c["backend"], eps_label(c["epsilon"]), str(len(c["seeds"]))]
@@ -78,6 +80,8 @@ def _tables(an: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]]:
                f"{_f(c['validation_auroc']['mean'])} {_sd(c['validation_auroc'])}",
                "SELECTED" if (c["backend"], c["epsilon"]) in selected else ""] for c in an.configs]
     out.append(("utility", "Utility vs epsilon (test records)", hdr, rows))
+    if an.multiclass:
+        out.append(mc.per_class_table(an.configs, an.classes, _ci, _sd, eps_label))
 
     for g in an.groupings:
         hdr = ["backend", "epsilon"] + [GAP_TITLES[k] for k in fm.GAPS]
@@ -230,44 +234,52 @@ def _plots(an: Analysis) -> dict[str, bytes]:
             ax.set_xticks(eps_ticks, [eps_label(x) for x in eps_ticks])
         ax.set_xlabel("epsilon")
 
-    def line(ax, cs, get, color, label, ls="-"):
+    def line(ax, cs, get, color, label, ls="-", marker="o"):
         if not cs:
             return
         x = [c["epsilon"] for c in cs]
         a = [get(c) for c in cs]
-        ax.plot(x, [v["mean"] for v in a], ls, marker="o", color=color, label=label)
+        ax.plot(x, [v["mean"] for v in a], ls, marker=marker, color=color, label=label)
         lo = [v["ci"][0] for v in a]
         hi = [v["ci"][1] for v in a]
         ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)
 
-    # 1. utility vs epsilon
-    fig, axes = plt.subplots(1, len(UTILITY), figsize=(4.2 * len(UTILITY), 3.4))
-    for ax, m in zip(axes, UTILITY, strict=True):
-        for b in backends:
-            line(ax, finite(b), lambda c, m=m: c["utility"][m], colors[b], b)
-            for r in (r for r in an.runs if r.backend == b and r.private):
-                ax.plot(r.epsilon, r.utility[m], ".", color=colors[b], alpha=0.5)
-            rc = ref(b)
-            if rc is not None:
-                u = rc["utility"][m]
-                ax.axhline(u["mean"], color=colors[b], ls="--", lw=1, label=f"{b} non-private")
-                ax.axhspan(*u["ci"], color=colors[b], alpha=0.08)
-        eps_axis(ax)
-        ax.set_title(m.upper() if m != "accuracy" else "accuracy")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Utility vs epsilon (mean over seeds, {int(an.level * 100)}% bootstrap CI band; dots = runs)",
-                 y=1.03)
-    save("utility_vs_epsilon", fig)
+    # 1. utility vs epsilon (multi-class: also the one-vs-rest AUROC of each class)
+    def panels(name, keys, section, point, title, what):
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+        for ax, m in zip(axes, keys, strict=True):
+            for b in backends:
+                line(ax, finite(b), lambda c, m=m: c[section][m], colors[b], b)
+                for r in (r for r in an.runs if r.backend == b and r.private):
+                    ax.plot(r.epsilon, getattr(r, point)[m], ".", color=colors[b], alpha=0.5)
+                rc = ref(b)
+                if rc is not None:
+                    u = rc[section][m]
+                    ax.axhline(u["mean"], color=colors[b], ls="--", lw=1, label=f"{b} non-private")
+                    ax.axhspan(*u["ci"], color=colors[b], alpha=0.08)
+            eps_axis(ax)
+            ax.set_title(title(m))
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{what} vs epsilon (mean over seeds, {int(an.level * 100)}% bootstrap CI band; dots = runs)",
+                     y=1.03)
+        save(name, fig)
+
+    panels("utility_vs_epsilon", UTILITY, "utility", "utility", (lambda m: mc.TITLES[m]) if an.multiclass else
+           (lambda m: m.upper() if m != "accuracy" else "accuracy"), "Utility")
+    if an.multiclass:
+        panels("per_class_auroc_vs_epsilon", an.classes, "per_class_auroc", "per_class",
+               lambda k: f"AUROC {k} vs rest", "One-vs-rest AUROC per class")
 
     if not an.groupings:  # no sensitive attributes: no fairness plots
         _audit_plot(an, out, save, backends, colors, markers={b: m for b, m in zip(backends, "os^", strict=False)})
         return out
 
-    # 2. per-group AUROC vs epsilon (one panel per grouping and backend)
-    fig, axes = plt.subplots(len(backends), len(an.groupings), squeeze=False,
-                             figsize=(4.2 * len(an.groupings), 3.4 * len(backends)))
-    for i, b in enumerate(backends):
-        for j, g in enumerate(an.groupings):
+    # 2. per-group AUROC vs epsilon (one panel per grouping and backend; multi-class: a row per class)
+    grid = [(b, row) for b in backends for row in mc.view_rows(an.groupings, an.classes)]
+    fig, axes = plt.subplots(len(grid), len(grid[0][1]), squeeze=False,
+                             figsize=(4.2 * len(grid[0][1]), 3.4 * len(grid)))
+    for i, (b, row) in enumerate(grid):
+        for j, g in enumerate(row):
             ax = axes[i][j]
             sub = an.groups[(an.groups["backend"] == b) & (an.groups["grouping"] == g)]
             if g not in an.single:  # intersections: too many groups to read; small ones are noise
@@ -286,16 +298,19 @@ def _plots(an: Analysis) -> dict[str, bytes]:
             ax.set_title(f"{b}: AUROC by {g}" + ("" if g in an.single else " (not small)"), fontsize=9)
             if len(sub["group"].unique()) <= 8:
                 ax.legend(fontsize=6)
+    if an.multiclass:  # a row per class: keep titles off the x labels above them
+        fig.tight_layout()
     save("group_auroc_vs_epsilon", fig)
 
     # 3. gaps vs epsilon
     fig, axes = plt.subplots(1, len(fm.GAPS), figsize=(3.8 * len(fm.GAPS), 3.4))
     styles = ["-", "--", "-.", ":"]
     for ax, k in zip(axes, fm.GAPS, strict=True):
-        for b in backends:
-            for gi, g in enumerate(an.groupings):
-                line(ax, finite(b), lambda c, g=g, k=k: c["gaps"][g][k], colors[b], f"{b} · {g}",
-                     ls=styles[gi % len(styles)])
+        for b in backends:  # line style: the grouping; multi-class: the marker is the class
+            for ci, row in enumerate(mc.view_rows(an.groupings, an.classes)):
+                for gi, g in enumerate(row):
+                    line(ax, finite(b), lambda c, g=g, k=k: c["gaps"][g][k], colors[b], f"{b} · {g}",
+                         ls=styles[gi % len(styles)], marker="os^Dv<>ph*"[ci % 10])
         eps_axis(ax)
         ax.set_title(GAP_TITLES[k], fontsize=9)
     axes[0].legend(fontsize=6)
@@ -336,7 +351,8 @@ def _plots(an: Analysis) -> dict[str, bytes]:
     if front:
         ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
         ax.legend(fontsize=7)
-    ax.set_xlabel("AUROC minus worst-group AUROC (lower is fairer)")
+    ax.set_xlabel("macro AUROC minus worst one-vs-rest group AUROC (lower is fairer)" if an.multiclass
+                  else "AUROC minus worst-group AUROC (lower is fairer)")
     ax.set_ylabel("AUROC")
     ax.set_title("Utility vs worst-group gap (each point: backend:epsilon)")
     save("pareto_utility_vs_gap", fig)
@@ -382,6 +398,7 @@ def _audit_plot(an, out, save, backends, colors, markers) -> None:
 
 PLOT_TITLES = {
     "utility_vs_epsilon": "Utility vs epsilon",
+    "per_class_auroc_vs_epsilon": "One-vs-rest AUROC per class vs epsilon",
     "group_auroc_vs_epsilon": "Per-group AUROC vs epsilon (dashed: non-private; dotted: small group)",
     "gaps_vs_epsilon": "Fairness gaps vs epsilon",
     "dp_drop_vs_group_size": "DP drop vs group size",
@@ -421,6 +438,8 @@ def _intro(an: Analysis) -> list[str]:
         "estimates), so a percentile interval can sit beside its point estimate; read the paired changes vs "
         "non-private for conclusions.",
     ]
+    if an.multiclass:
+        lines.insert(1, mc.intro_line(an.classes, an.threshold))
     if an.missing:
         lines.append("NOT IN THIS REPORT: " + "; ".join(f"{m['name']} ({m['status']}{': ' + m['error'] if m['error'] else ''})"
                                                       for m in an.missing))

@@ -313,9 +313,10 @@ def generate(model, tokenizer, prompt: str, n: int, *, top_k: int = 50, top_p: f
 
 
 def generate_many(model, tokenizer, prompts: list[str], *, top_k: int = 50, top_p: float = 0.95,
-                  temperature: float = 1.0, max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0,
-                  progress=None) -> list[str]:
-    """One sampled continuation per prompt (in order), batched by prompt length with left padding.
+                  temperature: float = 1.0, max_new_tokens: int | list[int] = 128, batch_size: int = 32,
+                  seed: int = 0, progress=None) -> list[str]:
+    """One sampled continuation per prompt (in order), batched by token budget and prompt length with left
+    padding. ``max_new_tokens``: one cap, or one per prompt (a batch runs to the largest cap in it).
 
     Deterministic for a given seed, model, prompts and batch size (torch's global RNG is forked)."""
     import torch
@@ -323,7 +324,10 @@ def generate_many(model, tokenizer, prompts: list[str], *, top_k: int = 50, top_
     if not prompts:
         return []
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = np.argsort([len(e) for e in enc], kind="stable")
+    caps = [int(max_new_tokens)] * len(prompts) if np.isscalar(max_new_tokens) else [int(c) for c in max_new_tokens]
+    if len(caps) != len(prompts) or min(caps) < 1:
+        raise ValueError("max_new_tokens: one cap >= 1, or one per prompt")
+    order = np.lexsort(([len(e) for e in enc], caps))
     eos = tokenizer.eos_token_id
     device = next(model.parameters()).device
     out: list[str] = [""] * len(prompts)
@@ -339,7 +343,7 @@ def generate_many(model, tokenizer, prompts: list[str], *, top_k: int = 50, top_
                 ids[j, width - len(enc[i]):] = torch.tensor(enc[i])
                 mask[j, width - len(enc[i]):] = 1
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=top_k,
-                                 top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
+                                 top_p=top_p, temperature=temperature, max_new_tokens=max(caps[i] for i in rows),
                                  eos_token_id=eos, pad_token_id=eos)
             for j, t in enumerate(tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)):
                 out[rows[j]] = t.strip()

@@ -130,13 +130,13 @@ class PEConfigView:
 
 def evolve(*, prompts: dict[int, list[str]], targets: dict[int, int], private_emb: np.ndarray,
            private_labels: np.ndarray, embed: Callable[[list[str]], np.ndarray],
-           generate: Callable[[list[str], int], list[str]], cfg: PEConfigView, sigma: float, dp_seed: int,
+           generate: Callable[[list[str], int, list[int] | None], list[str]], cfg: PEConfigView, sigma: float, dp_seed: int,
            seed: int, secure: bool, state: dict[str, Any] | None,
            on_round: Callable[[dict[str, Any]], None], progress: Callable[[str], None] | None = None,
            ) -> tuple[list[tuple[int, str]], dict[str, Any]]:
     """Run PE (module docstring). ``prompts[y]``: the public prompt(s) of label y (one drawn per initial
-    candidate); ``targets[y]``: records to output; ``generate(prompts, seed)`` returns one continuation per
-    prompt; ``embed``: L2-normalised embeddings. ``state``: a previous session's state (resume) or None;
+    candidate); ``targets[y]``: records to output; ``generate(prompts, seed, budgets)`` returns one continuation per
+    prompt (``budgets``: new tokens per prompt, None for the configured maximum); ``embed``: L2-normalised embeddings. ``state``: a previous session's state (resume) or None;
     ``on_round(state)`` is called after every round, before anything else happens, to persist it (and
     compose the round's release into the ledger). Returns ((label, text) records, final state)."""
     rng0 = np.random.default_rng([seed, 0x5045])
@@ -145,7 +145,7 @@ def evolve(*, prompts: dict[int, list[str]], targets: dict[int, int], private_em
         cand: list[tuple[int, str]] = []
         for y, m in sorted(size.items()):
             ps = [prompts[y][int(j)] for j in rng0.integers(0, len(prompts[y]), m)]
-            cand += [(y, t) for t in generate(ps, seed + 7919 * y)]
+            cand += [(y, t) for t in generate(ps, seed + 7919 * y, None)]
         state = {"round": 0, "candidates": [[y, t] for y, t in cand], "noisy": None}
         on_round({**state, "released": None})
     while state["round"] < cfg.rounds:
@@ -168,7 +168,9 @@ def evolve(*, prompts: dict[int, list[str]], targets: dict[int, int], private_em
             var_prompts = [prompts[int(labels[i])][0] + p for i, p in zip(parents, prefixes, strict=True)]
             if progress:
                 progress(f"round {t + 1}/{cfg.rounds}: {len(parents)} variations")
-            conts = generate(var_prompts, seed + 104729 * (t + 1))
+            # a variation rewrites the parent's remaining words: budget ~2 tokens per word left (+8)
+            budgets = [8 + 2 * (len(texts[i].split()) - len(p.split())) for i, p in zip(parents, prefixes, strict=True)]
+            conts = generate(var_prompts, seed + 104729 * (t + 1), budgets)
             nxt = [[int(labels[i]), texts[i]] for i in elites]
             nxt += [[int(labels[i]), (p + " " + c).strip() if p else c]
                     for i, p, c in zip(parents, prefixes, conts, strict=True)]

@@ -340,10 +340,11 @@ def _evolve(session: Session, recipe: Recipe, data, model, tok, all_texts: list[
                                         "dp_seed": session.dp_seed, "metrics": json.dumps(session.metrics)})
         ledger.save(rd.ledger)
 
-    def generate(ps: list[str], seed: int) -> list[str]:
+    def generate(ps: list[str], seed: int, budgets: list[int] | None) -> list[str]:
+        caps = gen.max_new_tokens if budgets is None else [min(b, gen.max_new_tokens) for b in budgets]
         with _bar(len(ps), "generating", progress) as bar:
             return generate_many(model, tok, ps, top_k=gen.top_k, top_p=gen.top_p, temperature=gen.temperature,
-                                 max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, seed=gen.seed + seed,
+                                 max_new_tokens=caps, batch_size=gen.batch_size, seed=gen.seed + seed,
                                  progress=bar.update)
 
     cfg = PEConfigView(rounds=pe.rounds, oversample=pe.oversample, elite_fraction=pe.elite_fraction,
