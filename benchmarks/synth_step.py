@@ -49,7 +49,7 @@ def main() -> None:
     from dptrain.trainers.opacus_backend import OpacusTrainer
     from dptrain.trainers.plan import PrivacyPlan
 
-    recipe = load_recipe("recipes/iu-xray-reports-synth.yaml")
+    recipe = load_recipe("recipes/iu-xray-reports-synth-finetune.yaml")
     data = load_text("builtin:iu-xray-reports")
     texts, labels = data.texts_train[: args.batch], data.y_train[: args.batch]
     rows = []

@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -46,6 +47,13 @@ from dptrain.config_base import (  # noqa: F401  (re-exported: the recipe's valu
     _finite,
     _integral,
     _Strict,
+)
+from dptrain.config_data import (
+    DpBoundsConfig,
+    check_dp_bounds,
+    check_numeric,
+    declared_words,
+    numeric_range,
 )
 from dptrain.config_synth import GenerationConfig, SynthesisConfig, SynthEvaluationConfig  # noqa: F401
 from dptrain.recipe_yaml import RecipeDumper, RecipeError, YAMLLimit, validation_message
@@ -128,8 +136,10 @@ class DataConfig(_Strict):
                           f"and categories are compared as written in the file ({BOOLEAN_RULE})")
     label_threshold: float | None = _finite(None, description="instead of positive_label: a numeric label above "
                                             "this value is positive (0: '> 0' is positive)")
-    numeric: dict[str, list[float]] | None = Field(
-        None, description="numeric feature -> declared public bounds [low, high]; values are clipped to them")
+    numeric: dict[str, list[float] | Literal["dp"]] | None = Field(
+        None, description="numeric feature -> declared public bounds [low, high] (values are clipped to them), or dp: "
+                          "DP-estimated bounds within data.dp_bounds.range (composed into the run's ledger)")
+    dp_bounds: DpBoundsConfig | None = Field(None, description="the public ranges and settings of dp bounds")
     categorical: dict[str, list[Value]] | None = Field(
         None, description=f"categorical feature -> declared public list of categories (one-hot; {BOOLEAN_RULE})")
     missing: dict[str, MissingRule] | None = Field(
@@ -155,6 +165,7 @@ class DataConfig(_Strict):
                                                         "or a built-in image dataset")
     text: str | None = Field(None, description="text data (dptrain synth): the text column of a CSV / JSONL file "
                                                "(default 'text')")
+    _dp_source: Any = PrivateAttr(None)  # dptrain.data.dp_bounds.attach: the released dp bounds, or the noise to draw
 
     @staticmethod
     def is_database_url(source: str) -> bool:
@@ -236,22 +247,26 @@ class DataConfig(_Strict):
                 raise ValueError(f"data.missing.{name}: category is for categorical features; use indicator or "
                                  "{fill: NUMBER}")
             if name in numeric and r.fill is not None:
-                lo, hi = numeric[name]
+                lo, hi = numeric_range(numeric, self.dp_bounds, name)
                 if isinstance(r.fill, str | bool) or not lo <= r.fill <= hi:
                     raise ValueError(f"data.missing.{name}: fill {r.fill!r} must be a number within the declared "
                                      f"bounds [{lo}, {hi}]")
         return self
 
+    @field_validator("numeric", "categorical", mode="before")
+    @classmethod
+    def _words(cls, v, info):
+        return declared_words(v, info.field_name)
+
     @field_validator("numeric")
     @classmethod
     def _bounds(cls, v):
-        for name, pair in (v or {}).items():
-            if len(pair) != 2:
-                raise ValueError(f"bounds of {name!r} must be [low, high], got {pair}")
-            lo, hi = pair
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ValueError(f"bounds of {name!r} must be finite with low < high, got [{lo}, {hi}]")
-        return v
+        return check_numeric(v)
+
+    @model_validator(mode="after")
+    def _dp_ranges(self):
+        check_dp_bounds(self.numeric, self.dp_bounds)
+        return self
 
 
 class LoraConfig(_Strict):

@@ -29,6 +29,7 @@ from accounting.statement import PrivacyStatement
 from dptrain.config import Recipe, RecipeError
 from dptrain.data import TabularData, load_data
 from dptrain.data.augment import make_augmenter
+from dptrain.data.dp_bounds import attach, dp_columns, ledger_releases, statement_releases
 from dptrain.evaluate.metrics import per_class_auroc, utility_metrics
 from dptrain.lifecycle import CHECKPOINT, RunDir, RunError, RunResult, Session, jsonable, run_statement
 from dptrain.trainers.base import TrainerError
@@ -41,6 +42,8 @@ COVERS = ("the training records (add/remove one privacy unit) for everything und
           "checkpoint with the secret DP seed)")
 PUBLIC = ("the recipe (declared feature bounds and categories, model, optimiser, batch size, epochs, seeds of the "
           "split and the initialisation), the public initial weights, and the number of units as stated in 'units'")
+DP_BOUNDS_PUBLIC = ("; the coarse ranges of data.dp_bounds are declared public, the bounds estimated within them from "
+                    "the training records are DP releases listed in 'releases' (dp_bounds:COLUMN)")
 
 
 def build_trainer(recipe: Recipe, dist=None):
@@ -138,11 +141,13 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
     rd = session.rd
 
     # ---- validate everything before writing anything ----
-    data = load_data(recipe.data)
+    data = _load_data(recipe, session, dist, resume)
+    bounds = data.preprocessing.get("dp_bounds")  # DP bounds of `dp` features: releases paid for in calibration
     n_canaries = recipe.privacy.audit.canaries
     # canaries are extra privacy units 0..M-1 after the real ones; an excluded canary is an empty unit, so the
     # number of units (and q) does not depend on the secret inclusion coins
-    plan = session.make_plan(data.num_units, public_extra=n_canaries, privacy_unit=data.privacy_unit)
+    plan = session.make_plan(data.num_units, public_extra=n_canaries, privacy_unit=data.privacy_unit,
+                             releases=ledger_releases(bounds))
     if n_canaries:
         from dptrain.audit.bounds import require_jax_privacy
 
@@ -173,7 +178,7 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
         return canaries
 
     canaries = dist.on_main(canaries_for_run)
-    session.start(dp_seed)
+    session.start(dp_seed, (lambda: {"dp_bounds": bounds}) if bounds else None)  # persisted: resume never redraws
     x_train, y_train, units_train = _with_canaries(data, canaries)
     trainer.init(model, plan, seed=recipe.seed, dp_seed=session.dp_seed, fix_batchnorm=recipe.model.fix_batchnorm,
                  ema=recipe.training.ema)
@@ -196,7 +201,8 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
         if len(data.y_val):
             metrics["validation"] = _metrics(data.y_val, trainer.predict(data.x_val), data.classes)
         _write_predictions(rd.private / "predictions.parquet", data, probs)
-        statement = run_statement(plan, session.ledger, recipe, session.count, covers=COVERS, public=PUBLIC)
+        statement = run_statement(plan, session.ledger, recipe, session.count, releases=statement_releases(bounds),
+                                  covers=COVERS, public=PUBLIC + (DP_BOUNDS_PUBLIC if bounds else ""))
         audit = _audit(trainer.predict, data, canaries, statement, recipe)
         atomic_write_json(rd.private / "audit.json", jsonable(audit))
         record = {
@@ -253,7 +259,8 @@ def audit_run(out_dir: str | Path) -> dict[str, Any]:
         model = load_model(rd.root / record.get("model_files", "release"))
     except ReleaseError as err:
         raise RunError(str(err)) from None
-    data = load_data(recipe.data)
+    data = load_data(recipe.data if not dp_columns(recipe.data) else
+                     attach(recipe.data, released=(state or {}).get("dp_bounds")))  # the run's own release
     canaries = None
     if recipe.privacy.audit.canaries:
         from dptrain.audit.canaries import FILE, load_canaries
@@ -269,6 +276,28 @@ def audit_run(out_dir: str | Path) -> dict[str, Any]:
 
     write_private_card(rd.private, jsonable(record), recipe)  # the publishable card holds no audit result
     return audit
+
+
+def _load_data(recipe: Recipe, session: Session, dist, resume: bool) -> TabularData:
+    """The run's data. Bounds of `dp` features (data.dp_bounds) are a DP release: drawn once on rank 0 with the OS
+    CSPRNG and broadcast, or on resume restored from private/state.json (a second draw would be a second release)."""
+    if not dp_columns(recipe.data):
+        return load_data(recipe.data)
+    held: dict[str, TabularData] = {}
+
+    def on_main() -> dict[str, Any]:
+        from dptrain.trainers.sampler import secure_normal
+
+        state = session.rd.read_state() if resume else None
+        if state is not None and "dp_bounds" not in state:
+            raise RunError(f"--resume: {session.rd.state} holds no released dp bounds (the run started with another "
+                           "recipe); resume with the original recipe and --set overrides, or start a new run")
+        cfg = attach(recipe.data, released=state["dp_bounds"]) if state else attach(recipe.data, noise=secure_normal)
+        held["data"] = load_data(cfg)
+        return held["data"].preprocessing["dp_bounds"]
+
+    released = dist.on_main(on_main)
+    return held["data"] if "data" in held else load_data(attach(recipe.data, released=released))
 
 
 def _numeric_mask(data: TabularData) -> np.ndarray | tuple[int, ...]:

@@ -19,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTG = str(ROOT / "recipes" / "actg175-mlp.yaml")
-SYNTH = str(ROOT / "recipes" / "iu-xray-reports-synth.yaml")
+SYNTH = str(ROOT / "recipes" / "iu-xray-reports-synth-finetune.yaml")
 ACTG_TEXT = (ROOT / "recipes" / "actg175-mlp.yaml").read_text()
 
 

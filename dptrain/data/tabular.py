@@ -10,7 +10,9 @@ Formal guarantees (what this module promises towards invariant 4 of DESIGN.md)
 * The encoding of a record depends only on that record and on *declared* public facts: numeric bounds
   and category lists from the recipe, or from a built-in schema written from public domain knowledge.
   No mean, scale, min/max, quantile, vocabulary or class count of the data is computed to encode it.
-  Changing (or removing) one record never changes how any other record is encoded.
+  Changing (or removing) one record never changes how any other record is encoded -- except through the
+  bounds of features declared ``dp`` (``data.numeric: {COL: dp}``): a DP release computed from the training
+  records only (:mod:`dptrain.data.dp_bounds`), whose event the run composes into its ledger.
 * The train / validation / test split depends only on the split seed, the declared fractions and the set
   of privacy-unit identifiers; every row of a unit lands on one side. With ``validation_fraction`` 0 there
   is no validation side and the train / test split is exactly the two-way split of earlier versions; a
@@ -35,7 +37,7 @@ Sharp edges
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,7 @@ from dptrain.data.core import (
     split_info,
     split_seed,
 )
+from dptrain.data.dp_bounds import describe, public_range, release_bounds
 from dptrain.data.labels import GENERIC_DERIVED, Derived, _encode_label, _sensitive_frame
 from dptrain.data.registry import BUILTIN_DATASETS
 
@@ -99,10 +102,11 @@ class _Schema:
     derived: Mapping[str, Derived]
     row_filter: str | None
     notes: list[str]
+    dp_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # dp feature -> public search range
 
 
 def _resolve(cfg: DataConfig, given: pd.DataFrame | None = None) -> _Schema:
-    declared_num = {k: (tuple(v), FROM_RECIPE) for k, v in (cfg.numeric or {}).items()}
+    declared_num = {k: (public_range(cfg, k), FROM_RECIPE) for k in cfg.numeric or {}}  # dp: the search range
     declared_cat = {k: (tuple(v), FROM_RECIPE) for k, v in (cfg.categorical or {}).items()}
     both = sorted(set(declared_num) & set(declared_cat))
     if both:
@@ -166,20 +170,25 @@ def _resolve(cfg: DataConfig, given: pd.DataFrame | None = None) -> _Schema:
 
 
 def _encode_numeric(frame: pd.DataFrame, col: str, bounds: tuple[float, float]) -> np.ndarray:
+    lo, hi = bounds
+    x = np.clip(_numeric_values(frame, col), lo, hi)
+    return 2.0 * (x - lo) / (hi - lo) - 1.0
+
+
+def _numeric_values(frame: pd.DataFrame, col: str) -> np.ndarray:
+    """The column as float64 (NaN where missing); refuses non-numeric values."""
     raw = frame[col]
     if pd.api.types.is_bool_dtype(raw) or pd.api.types.is_object_dtype(raw):
         raw = raw.map(lambda v: {"True": 1.0, "False": 0.0}.get(_canon(v), v))  # True / False: 1 / 0
     values = pd.to_numeric(raw, errors="coerce")
-    bad = raw[values.isna()]
+    bad = raw[values.isna() & raw.notna()]  # missing values (NaN) are the missing rules' business
     if len(bad):
         words = _words(set(map(str, bad)))
         raise _error(f"data.numeric.{col}", f"column {col!r} has non-numeric values"
                      + (f" like {_few(words)}" if words else " (not quoted: they hold digits, e.g. a number "
                         "written with a unit or a comma)"),
                      f"declare it in data.categorical.{col} with its categories, or clean the file")
-    lo, hi = bounds
-    x = np.clip(values.to_numpy(dtype=np.float64), lo, hi)
-    return 2.0 * (x - lo) / (hi - lo) - 1.0
+    return values.to_numpy(dtype=np.float64)
 
 
 def _encode_categorical(frame: pd.DataFrame, col: str, cats: tuple[int | str, ...]) -> np.ndarray:
@@ -222,6 +231,7 @@ def _missing_rules(cfg: DataConfig, schema: _Schema) -> dict[str, dict]:
         if r.rule == "category":
             raise _error(f"data.missing.{col}", "category is for categorical features", "use indicator or {fill: NUMBER}")
         value = (lo + hi) / 2 if r.fill is None else r.fill
+        lo, hi = schema.dp_ranges.get(col, (lo, hi))  # a dp feature: its declared range (the bounds clip the fill)
         if isinstance(value, str | bool) or not lo <= value <= hi:
             raise _error(f"data.missing.{col}", f"fill {value!r} is not a number within the declared bounds [{lo}, {hi}]",
                          "declare a fill value within the bounds")
@@ -291,6 +301,7 @@ def load_tabular(cfg: DataConfig, *, seed: int | None = None, frame: pd.DataFram
     seed = split_seed(cfg, seed)
     schema = _resolve(cfg, frame)
     frame = schema.frame
+    schema.dp_ranges = {c: b for c, (b, _) in schema.numeric.items() if (cfg.numeric or {}).get(c) == "dp"}
 
     # Every column the run will touch, with the recipe field that asked for it.
     used: dict[str, str] = {schema.label: "data.label"}
@@ -337,6 +348,19 @@ def load_tabular(cfg: DataConfig, *, seed: int | None = None, frame: pd.DataFram
 
     y, classes, label_info = _encode_label(frame, schema.label, schema.positive_label, schema.class_names,
                                            cfg.classes, threshold=cfg.label_threshold)
+    if cfg.privacy_unit is None:
+        unit_keys = np.arange(len(frame))
+    else:
+        unit_keys = frame[cfg.privacy_unit].map(_canon).to_numpy(dtype=str)
+    test, val = _split3(unit_keys, cfg.test_fraction, cfg.validation_fraction, seed)
+    train = ~(test | val)
+    units_train = _train_units(unit_keys, train)
+    dp_release = None
+    if schema.dp_ranges:  # DP bounds from the training records only (a release: data.dp_bounds), then every split
+        dp_release = release_bounds(cfg, {c: _numeric_values(frame, c)[train] for c in schema.dp_ranges}, units_train)
+        for col, info in dp_release["columns"].items():
+            schema.numeric[col] = (tuple(info["bounds"]), describe(info))
+        rules = _missing_rules(cfg, schema)  # a default fill is the midpoint of the released bounds
     blocks, feature_names = [], []
     for col, (bounds, _) in schema.numeric.items():
         filled, indicator = _apply_missing(frame[col], rules[col])
@@ -355,14 +379,6 @@ def load_tabular(cfg: DataConfig, *, seed: int | None = None, frame: pd.DataFram
     x = np.concatenate(blocks, axis=1).astype(np.float32)
     sensitive, sensitive_info = _sensitive_frame(frame, schema.sensitive, schema.derived)
 
-    if cfg.privacy_unit is None:
-        unit_keys = np.arange(len(frame))
-    else:
-        unit_keys = frame[cfg.privacy_unit].map(_canon).to_numpy(dtype=str)
-    test, val = _split3(unit_keys, cfg.test_fraction, cfg.validation_fraction, seed)
-    train = ~(test | val)
-    units_train = _train_units(unit_keys, train)
-
     preprocessing = {
         "source": cfg.source,
         "label": label_info,
@@ -377,9 +393,12 @@ def load_tabular(cfg: DataConfig, *, seed: int | None = None, frame: pd.DataFram
         "row_filter": schema.row_filter,
         "privacy_unit": cfg.privacy_unit or "example",
         "split": split_info(cfg, seed),
-        "statistics_of_data_used": "none",
+        "statistics_of_data_used": "none" if dp_release is None else (
+            f"only the DP bounds of {sorted(dp_release['columns'])} (releases in the run's ledger, see dp_bounds)"),
         "notes": schema.notes,
     }
+    if dp_release is not None:
+        preprocessing["dp_bounds"] = dp_release
     return TabularData(
         x_train=x[train], y_train=y[train], units_train=units_train, num_units=int(units_train.max(initial=-1) + 1),
         x_test=x[test], y_test=y[test],

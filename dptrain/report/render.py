@@ -6,20 +6,19 @@
                                                               values, no counts; see analysis.selection_statement)
 
 ``report.html`` is self-contained: CSS inline, plots embedded as base64 PNG, no script, no network.
-``report.md`` holds the same tables and links the PNG files in ``plots/``.
+``report.md`` holds the same tables and links the PNG files in ``plots/``. Both open with the answer: the summary's
+sentences (:mod:`dptrain.report.summary`) and the headline plot (:mod:`dptrain.report.plots`), then the details.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from accounting.atomic import atomic_write_bytes, atomic_write_json
@@ -27,43 +26,13 @@ from dptrain.evaluate import fairness as fm
 from dptrain.lifecycle import PRIVATE, RELEASE
 from dptrain.report import multiclass as mc
 from dptrain.report.analysis import NOT_COVERED, SELECTION_WORDING, UTILITY, Analysis, selection_statement
+from dptrain.report.fmt import GAP_TITLES
+from dptrain.report.fmt import ci as _ci
+from dptrain.report.fmt import num as _f
+from dptrain.report.fmt import sd as _sd
+from dptrain.report.plots import HEADLINE, PLOT_TITLES, make_plots
+from dptrain.report.summary import findings
 from dptrain.report.sweep import eps_label
-
-GAP_TITLES = {
-    "worst_group_auroc": "worst-group AUROC", "auroc_gap": "AUROC gap (max-min)",
-    "demographic_parity_difference": "demographic parity diff.", "equalized_odds_difference": "equalized odds diff.",
-    "fnr_gap": "FNR gap (underdiagnosis)", "accuracy_spd": "accuracy SPD (Tayebi Arasteh)",
-}
-
-
-def _f(x: Any, nd: int = 3) -> str:
-    if x is None:
-        return ""
-    if isinstance(x, str):
-        return x
-    if isinstance(x, (bool, np.bool_)):
-        return "yes" if x else ""
-    if isinstance(x, (int, np.integer)):
-        return str(int(x))
-    x = float(x)
-    if math.isnan(x):
-        return "n/a"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.{nd}f}"
-
-
-def _ci(a: dict[str, Any], nd: int = 3) -> str:
-    lo, hi = a["ci"]
-    s = _f(a["mean"], nd)
-    if not (math.isnan(lo) or math.isnan(hi)):
-        s += f" [{_f(lo, nd)}, {_f(hi, nd)}]"
-    return s
-
-
-def _sd(a: dict[str, Any]) -> str:
-    return "" if math.isnan(a["sd"]) else f"±{a['sd']:.3f}"
-
 
 # ---------------------------------------------------------------- tables (list of header, rows)
 
@@ -201,211 +170,6 @@ def _selection_lines(an: Analysis) -> list[str]:
     return lines
 
 
-# ---------------------------------------------------------------- plots
-
-def _plots(an: Analysis) -> dict[str, bytes]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out: dict[str, bytes] = {}
-    backends = sorted({c["backend"] for c in an.configs})
-    colors = dict(zip(backends, ["tab:blue", "tab:orange", "tab:green"], strict=False))
-
-    def finite(b):
-        return [c for c in an.configs if c["backend"] == b and math.isfinite(c["epsilon"])]
-
-    def ref(b):
-        return next((c for c in an.configs if c["backend"] == b and not math.isfinite(c["epsilon"])), None)
-
-    def save(name, fig):
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        out[name] = buf.getvalue()
-
-    eps_ticks = sorted({c["epsilon"] for c in an.configs if math.isfinite(c["epsilon"])})
-
-    def eps_axis(ax):
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        if eps_ticks:
-            ax.set_xticks(eps_ticks, [eps_label(x) for x in eps_ticks])
-        ax.set_xlabel("epsilon")
-
-    def line(ax, cs, get, color, label, ls="-", marker="o"):
-        if not cs:
-            return
-        x = [c["epsilon"] for c in cs]
-        a = [get(c) for c in cs]
-        ax.plot(x, [v["mean"] for v in a], ls, marker=marker, color=color, label=label)
-        lo = [v["ci"][0] for v in a]
-        hi = [v["ci"][1] for v in a]
-        ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)
-
-    # 1. utility vs epsilon (multi-class: also the one-vs-rest AUROC of each class)
-    def panels(name, keys, section, point, title, what):
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
-        for ax, m in zip(axes, keys, strict=True):
-            for b in backends:
-                line(ax, finite(b), lambda c, m=m: c[section][m], colors[b], b)
-                for r in (r for r in an.runs if r.backend == b and r.private):
-                    ax.plot(r.epsilon, getattr(r, point)[m], ".", color=colors[b], alpha=0.5)
-                rc = ref(b)
-                if rc is not None:
-                    u = rc[section][m]
-                    ax.axhline(u["mean"], color=colors[b], ls="--", lw=1, label=f"{b} non-private")
-                    ax.axhspan(*u["ci"], color=colors[b], alpha=0.08)
-            eps_axis(ax)
-            ax.set_title(title(m))
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{what} vs epsilon (mean over seeds, {int(an.level * 100)}% bootstrap CI band; dots = runs)",
-                     y=1.03)
-        save(name, fig)
-
-    panels("utility_vs_epsilon", UTILITY, "utility", "utility", (lambda m: mc.TITLES[m]) if an.multiclass else
-           (lambda m: m.upper() if m != "accuracy" else "accuracy"), "Utility")
-    if an.multiclass:
-        panels("per_class_auroc_vs_epsilon", an.classes, "per_class_auroc", "per_class",
-               lambda k: f"AUROC {k} vs rest", "One-vs-rest AUROC per class")
-
-    if not an.groupings:  # no sensitive attributes: no fairness plots
-        _audit_plot(an, out, save, backends, colors, markers={b: m for b, m in zip(backends, "os^", strict=False)})
-        return out
-
-    # 2. per-group AUROC vs epsilon (one panel per grouping and backend; multi-class: a row per class)
-    grid = [(b, row) for b in backends for row in mc.view_rows(an.groupings, an.classes)]
-    fig, axes = plt.subplots(len(grid), len(grid[0][1]), squeeze=False,
-                             figsize=(4.2 * len(grid[0][1]), 3.4 * len(grid)))
-    for i, (b, row) in enumerate(grid):
-        for j, g in enumerate(row):
-            ax = axes[i][j]
-            sub = an.groups[(an.groups["backend"] == b) & (an.groups["grouping"] == g)]
-            if g not in an.single:  # intersections: too many groups to read; small ones are noise
-                sub = sub[~sub["small"]]
-            cmap = plt.get_cmap("tab10")
-            for k, (lab, d) in enumerate(sub.groupby("group", sort=True)):
-                d = d.sort_values("epsilon")
-                fin = d[np.isfinite(d["epsilon"])]
-                col = cmap(k % 10)
-                ls = ":" if d["small"].any() else "-"
-                ax.plot(fin["epsilon"], fin["auroc"], ls, marker="o", ms=3, color=col,
-                        label=f"{lab}{' (small)' if d['small'].any() else ''}")
-                if not math.isfinite(d["epsilon"].max()) and len(d) > len(fin):
-                    ax.axhline(float(d[~np.isfinite(d["epsilon"])]["auroc"].iloc[0]), color=col, ls="--", lw=0.8)
-            eps_axis(ax)
-            ax.set_title(f"{b}: AUROC by {g}" + ("" if g in an.single else " (not small)"), fontsize=9)
-            if len(sub["group"].unique()) <= 8:
-                ax.legend(fontsize=6)
-    if an.multiclass:  # a row per class: keep titles off the x labels above them
-        fig.tight_layout()
-    save("group_auroc_vs_epsilon", fig)
-
-    # 3. gaps vs epsilon
-    fig, axes = plt.subplots(1, len(fm.GAPS), figsize=(3.8 * len(fm.GAPS), 3.4))
-    styles = ["-", "--", "-.", ":"]
-    for ax, k in zip(axes, fm.GAPS, strict=True):
-        for b in backends:  # line style: the grouping; multi-class: the marker is the class
-            for ci, row in enumerate(mc.view_rows(an.groupings, an.classes)):
-                for gi, g in enumerate(row):
-                    line(ax, finite(b), lambda c, g=g, k=k: c["gaps"][g][k], colors[b], f"{b} · {g}",
-                         ls=styles[gi % len(styles)], marker="os^Dv<>ph*"[ci % 10])
-        eps_axis(ax)
-        ax.set_title(GAP_TITLES[k], fontsize=9)
-    axes[0].legend(fontsize=6)
-    save("gaps_vs_epsilon", fig)
-
-    # 4. DP drop vs group size
-    fig, ax = plt.subplots(figsize=(6, 4))
-    priv = an.groups[np.isfinite(an.groups["epsilon"]) & np.isfinite(an.groups["auroc_drop_vs_nonprivate"])]
-    markers = dict(zip(backends, ["o", "s", "^"], strict=False))
-    eps_values = sorted(priv["epsilon"].unique())
-    cmap = plt.get_cmap("viridis")
-    for b in backends:
-        for i, e in enumerate(eps_values):
-            d = priv[(priv["backend"] == b) & (priv["epsilon"] == e)]
-            ax.scatter(d["n"], d["auroc_drop_vs_nonprivate"], marker=markers[b], s=18,
-                       color=cmap(i / max(1, len(eps_values) - 1)), label=f"{b} eps={eps_label(e)}", alpha=0.8)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("group size (test examples; proportional to its share of training data)")
-    ax.set_ylabel("AUROC drop vs non-private")
-    ax.set_title("Does DP hurt small groups more? (the poor get poorer check)")
-    if len(priv):
-        ax.legend(fontsize=6)
-    save("dp_drop_vs_group_size", fig)
-
-    # 5. Pareto: utility vs worst-group gap
-    fig, ax = plt.subplots(figsize=(6, 4))
-    pts = []
-    for c in an.configs:
-        gap = c["utility"]["auroc"]["mean"] - c["worst_group_auroc"]["mean"]
-        pts.append((gap, c["utility"]["auroc"]["mean"], c))
-        ax.scatter(gap, c["utility"]["auroc"]["mean"], color=colors[c["backend"]], s=30)
-        ax.annotate(f"{c['backend'][0]}:{eps_label(c['epsilon'])}", (gap, c["utility"]["auroc"]["mean"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    front = [p for p in pts if np.isfinite(p[0]) and not any(
-        q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1]) for q in pts if np.isfinite(q[0]))]
-    front.sort(key=lambda p: p[0])
-    if front:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
-        ax.legend(fontsize=7)
-    ax.set_xlabel("macro AUROC minus worst one-vs-rest group AUROC (lower is fairer)" if an.multiclass
-                  else "AUROC minus worst-group AUROC (lower is fairer)")
-    ax.set_ylabel("AUROC")
-    ax.set_title("Utility vs worst-group gap (each point: backend:epsilon)")
-    save("pareto_utility_vs_gap", fig)
-
-    _audit_plot(an, out, save, backends, colors, markers)
-    return out
-
-
-def _audit_plot(an, out, save, backends, colors, markers) -> None:
-    """Claimed epsilon vs audited lower bound across the sweep (grey: max certifiable)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    fin = [c["epsilon"] for c in an.configs if math.isfinite(c["epsilon"])]
-    top = max(fin) * 2 if fin else 10.0
-    for b in backends:
-        for r in (r for r in an.runs if r.backend == b):
-            a = r.record.get("audit") or {}
-            lb = a.get("epsilon_lower_bound")
-            if lb is None:
-                continue
-            x = r.epsilon if r.private else top
-            bad = a.get("status") == "VIOLATION"
-            ax.scatter(x, lb, marker="x" if bad else markers[b], color="red" if bad else colors[b], s=40 if bad else 22,
-                       label=f"{b}{' VIOLATION' if bad else ''}")
-            if a.get("max_certifiable_epsilon") is not None:
-                ax.scatter(x, a["max_certifiable_epsilon"], marker="_", color="grey", s=80)
-    lim = [min(fin + [0.5]) / 2, top * 1.3]
-    ax.plot(lim, lim, "k--", lw=0.8, label="lower bound = claimed")
-    ax.set_xscale("log")
-    ax.minorticks_off()
-    ticks = sorted(set(fin)) + [top]
-    ax.set_xticks(ticks, [eps_label(t) for t in sorted(set(fin))] + ["inf"])
-    ax.set_xlabel("claimed epsilon (accountant)")
-    ax.set_ylabel("empirical lower bound (95%)")
-    ax.set_title("Audit: claimed epsilon vs audited lower bound (grey: max certifiable)")
-    h, lab = ax.get_legend_handles_labels()
-    uniq = dict(zip(lab, h, strict=True))
-    if uniq:
-        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
-    save("audit_claimed_vs_lower_bound", fig)
-
-
-PLOT_TITLES = {
-    "utility_vs_epsilon": "Utility vs epsilon",
-    "per_class_auroc_vs_epsilon": "One-vs-rest AUROC per class vs epsilon",
-    "group_auroc_vs_epsilon": "Per-group AUROC vs epsilon (dashed: non-private; dotted: small group)",
-    "gaps_vs_epsilon": "Fairness gaps vs epsilon",
-    "dp_drop_vs_group_size": "DP drop vs group size",
-    "pareto_utility_vs_gap": "Pareto: utility vs worst-group gap",
-    "audit_claimed_vs_lower_bound": "Audit: claimed epsilon vs empirical lower bound",
-}
-
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:0.6em 0 1.4em;font-size:12px}th,td{border:1px solid #ccc;padding:3px 6px;
 text-align:left;vertical-align:top}th{background:#f0f0f0}img{max-width:100%;border:1px solid #eee}
@@ -450,7 +214,12 @@ def render_html(an: Analysis, plots: dict[str, bytes]) -> str:
     e = html.escape
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              "<title>dptrain privacy-utility-fairness report</title>", f"<style>{CSS}</style></head><body>",
-             "<h1>Privacy-utility-fairness report</h1>"]
+             "<h1>Privacy-utility-fairness report</h1>", "<h2 id='summary'>Summary</h2><ul id='findings'>"]
+    parts += [f"<li class='{'warn' if f.warn else ''}'>{e(f.text)}</li>" for f in findings(an)]
+    parts.append("</ul>")
+    if HEADLINE in plots:
+        parts.append(_img(HEADLINE, plots[HEADLINE]))
+    parts.append("<h2 id='details'>How to read the details</h2>")
     parts += [f"<p class='note'>{e(x)}</p>" for x in _intro(an)]
     parts.append("<h2>Empirical privacy audit</h2>")
     parts += [f"<p class='{'warn' if x.startswith('PRIVACY VIOLATION') else ''}'>{e(x)}</p>" for x in _audit_lines(an)]
@@ -462,9 +231,7 @@ def render_html(an: Analysis, plots: dict[str, bytes]) -> str:
             continue
         parts.append(f"<h2 id='{e(tid)}'>{e(title)}</h2>" + _html_table(hdr, rows))
     parts.append("<h2>Plots</h2>")
-    for name, png in plots.items():
-        b64 = base64.b64encode(png).decode()
-        parts.append(f"<h3>{e(PLOT_TITLES[name])}</h3><img alt='{e(name)}' src='data:image/png;base64,{b64}'>")
+    parts += [f"<h3>{e(PLOT_TITLES[name])}</h3>{_img(name, png)}" for name, png in plots.items() if name != HEADLINE]
     parts.append("<h2>Per group (every attribute and their intersection)</h2>")
     for tid, title, hdr, rows in tables:
         if tid.startswith("groups-"):
@@ -473,6 +240,10 @@ def render_html(an: Analysis, plots: dict[str, bytes]) -> str:
     parts.append(f"<h2 id='privacy'>{e(title)}</h2>" + _html_table(hdr, rows))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _img(name: str, png: bytes) -> str:
+    return f"<img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
 
 
 def _html_table(hdr: list[str], rows: list[list[str]]) -> str:
@@ -488,7 +259,11 @@ def render_markdown(an: Analysis, plot_files: dict[str, str]) -> str:
         return "\n".join(["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
                          + ["| " + " | ".join(r) + " |" for r in esc])
 
-    parts = ["# Privacy-utility-fairness report", ""] + [f"- {x}" for x in _intro(an)]
+    parts = ["# Privacy-utility-fairness report", "", "## Summary", ""]
+    parts += [f"- **{f.text}**" if f.warn else f"- {f.text}" for f in findings(an)]
+    if HEADLINE in plot_files:
+        parts += ["", f"![{PLOT_TITLES[HEADLINE]}]({plot_files[HEADLINE]})"]
+    parts += ["", "## How to read the details", ""] + [f"- {x}" for x in _intro(an)]
     parts += ["", "## Empirical privacy audit", ""] + [f"**{x}**" if x.startswith("PRIVACY VIOLATION") else x
                                                          for x in _audit_lines(an)]
     parts += ["", "## Privacy and the cost of selection", ""] + [x for x in _selection_lines(an)]
@@ -497,7 +272,7 @@ def render_markdown(an: Analysis, plot_files: dict[str, str]) -> str:
         if tid.startswith("groups-") or tid == "privacy":
             continue
         parts += ["", f"## {title}", "", md_table(hdr, rows)]
-    parts += ["", "## Plots", ""] + [f"![{PLOT_TITLES[n]}]({p})" for n, p in plot_files.items()]
+    parts += ["", "## Plots", ""] + [f"![{PLOT_TITLES[n]}]({p})" for n, p in plot_files.items() if n != HEADLINE]
     for tid, title, hdr, rows in tables:
         if tid.startswith("groups-") or tid == "privacy":
             parts += ["", f"## {title}", "", md_table(hdr, rows)]
@@ -509,7 +284,7 @@ def write_report(an: Analysis, sweep_dir: str | Path) -> dict[str, Path]:
     plots/*.png, and ``release/selection.json``; returns their paths (keys html, md, csv, selection)."""
     root = Path(sweep_dir)
     out = root / PRIVATE
-    plots = _plots(an)
+    plots = make_plots(an)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     files = {}
     for name, png in plots.items():

@@ -82,11 +82,12 @@ def test_table_with_three_declared_classes_trains_a_softmax_head(table, tmp_path
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    """60 PNGs (16x16) of three classes told apart by brightness; labels written as text."""
+    """150 PNGs (16x16) of three classes told apart by brightness; labels written as text. 150, not fewer: the
+    DP unit count (noise std 20) must stay above the batch size for every draw."""
     root = tmp_path_factory.mktemp("mcimg")
     rng = np.random.default_rng(1)
     rows = []
-    for i in range(60):
+    for i in range(150):
         k = i % 3
         img = (rng.random((16, 16)) * 60 + 90 * k).astype(np.uint8)
         Image.fromarray(img).save(root / f"i{i}.png")

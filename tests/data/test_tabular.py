@@ -86,7 +86,7 @@ def test_preprocessing_is_json_and_names_the_origin_of_every_bound(actg):
 
 def test_list_datasets():
     rows = {r["name"]: r for r in list_datasets()}
-    assert set(rows) == {"actg175", "framingham"}
+    assert set(rows) == {"actg175", "framingham", "adult"}
     assert rows["actg175"]["rows"] == 2139 and rows["actg175"]["label"] == "cens"
     assert rows["framingham"]["sensitive"] == ["sex", "age_group"]
 

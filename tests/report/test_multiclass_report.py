@@ -129,3 +129,25 @@ def test_multiclass_predictions_without_a_class_column_are_refused(multi, tmp_pa
     pd.read_parquet(path).drop(columns=["prob_b"]).to_parquet(path)
     with pytest.raises(ReportError, match=r"predictions\.parquet: .*'prob_b' is missing"):
         analyse(copy, n_boot=200)
+
+
+def test_multiclass_summary_names_the_one_vs_rest_view_it_quotes(multi):
+    from dptrain.report.summary import attribute_views, findings
+
+    sweep, an = multi
+    (attr, view), = attribute_views(an)
+    level = {v: np.mean([c["gaps"][v]["worst_group_auroc"]["mean"] for c in an.configs]) for v in an.groupings}
+    assert attr == "grp" and view == min(level, key=level.get)  # the lowest one-vs-rest worst-group AUROC
+    by = {f.key: f for f in findings(an)}
+    eps = an.selection["opacus"]["selected_epsilon"]
+    c = next(c for c in an.configs if c["epsilon"] == eps)
+    assert by["utility"].text.startswith(f"At epsilon {eps:g} (the configuration selected on validation records), "
+                                         "test macro AUROC (one-vs-rest) is ")
+    assert by["utility"].values["auroc"] == c["utility"]["auroc"]["mean"]
+    w = by["worst_group:grp"]
+    cls = view.split(" | class ", 1)[1].removesuffix(" vs rest")
+    assert w.text.startswith(f"By grp (class {cls} vs rest), the worst-off group at epsilon {eps:g} is ")
+    assert w.values["worst_group_auroc"] == c["gaps"][view]["worst_group_auroc"]["mean"]
+    assert w.values["change"] == c["change_vs_nonprivate"]["gaps"][view]["worst_group_auroc"]["mean"]
+    md = (sweep / "private" / "report.md").read_text()  # maybe re-rendered by the CLI (other CIs): the words only
+    assert md.index("## Summary") < md.index(w.text.split(": worst-group")[0]) < md.index("Per-class AUROC vs epsilon")

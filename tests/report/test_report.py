@@ -169,7 +169,7 @@ def test_groups_below_min_size_are_flagged_not_hidden(an):
 def test_report_files(sweep_dir, summary):
     html = (sweep_dir / "private" / "report.html").read_text()
     imgs = re.findall(r"<img alt='([^']+)' src='data:image/png;base64,([^']+)'>", html)
-    assert len(imgs) == 6
+    assert len(imgs) == 7  # the headline at the top, then six under Plots
     for _, b64 in imgs:
         assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", html), "report.html must open offline"

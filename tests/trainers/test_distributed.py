@@ -48,7 +48,7 @@ CLIP_ONLY = ["training.epochs=1", "model.hidden=[8]", "privacy.clip_only=true", 
 RUN_FILES = {"release/config.yaml", "release/ledger.json", "release/privacy.json", "release/model.safetensors",
              "release/model.json", "private/run_id", "private/state.json", "private/metrics.jsonl",
              f"private/{CHECKPOINT}", "private/CHECKPOINT-HOLDS-SECRET-DP-SEED.txt", "private/predictions.parquet",
-             "private/record.json", "private/audit.json"}
+             "private/record.json", "private/audit.json", "release/MODEL_CARD.md", "private/MODEL_CARD.md"}
 N, D, K = 64, 100, 100  # units, features, classes (a 100x100 linear layer: 10100 noise coordinates)
 SIGMA, B, LR = 3.0, 16.0, 1.0
 
@@ -249,7 +249,8 @@ def test_two_process_run_writes_one_run_directory(runs):
     for name in ("noisy", "clip_only"):
         out = work / name
         files = RUN_FILES if name == "noisy" else {  # not DP: its model is kept out of release/
-            f.replace("release/model", "private/NOT-PRIVATE/model") for f in RUN_FILES}
+            f.replace("release/model", "private/NOT-PRIVATE/model").replace("release/MODEL", "private/NOT-PRIVATE/MODEL")
+            for f in RUN_FILES}
         assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == files
         record = json.loads((out / "private" / "record.json").read_text())
         assert record["training"]["world_size"] == 2 and record["status"] == "finished"
