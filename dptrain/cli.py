@@ -13,7 +13,6 @@ import os
 import sys
 
 import accounting as acc
-from accounting.calibrate import check_evaluable
 from accounting.errors import (
     MAX_STEPS,
     check_delta,
@@ -58,6 +57,8 @@ def _cmd_epsilon(args) -> int:
     check_noise_range(args.noise_multiplier, "noise_multiplier")
     check_steps(args.steps, "steps")
     check_delta(args.delta)
+    from accounting.calibrate import check_evaluable
+
     scheme = acc.PoissonSampling(args.sampling_rate)
     if args.accountant != "rdp":  # the PLD accountant's memory grows with epsilon: refuse absurd runs first
         check_evaluable(scheme, args.noise_multiplier, args.steps, args.delta)
@@ -395,10 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(t, "recipes/actg175-mlp.yaml", "privacy.epsilon=2")
     t.set_defaults(func=_cmd_train)
 
-    sy = sub.add_parser("synth", help="DP fine-tune a language model and release synthetic text",
-                        description="Fine-tune LoRA adapters of a causal LM with DP on labelled texts, generate "
-                                    "label-conditioned synthetic records and evaluate them; writes release/ (synthetic.jsonl, "
-                                    "DATACARD.md, adapters/, privacy.json) and private/ (evaluation.md, record.json).",
+    sy = sub.add_parser("synth", help="release DP synthetic text (DP fine-tuning or Private Evolution)",
+                        description="Label-conditioned DP synthetic records from a causal LM, by DP fine-tuning of LoRA "
+                                    "adapters (synthesis.method: dp_finetune) or Private Evolution (private_evolution: DP "
+                                    "votes of the records on public-model candidates), evaluated against real records; writes "
+                                    "release/ (synthetic.jsonl, DATACARD.md, adapters/ when fine-tuned, privacy.json) and "
+                                    "private/ (evaluation.md, record.json).",
                         epilog="example:\n  dptrain synth recipes/iu-xray-reports-synth.yaml --set privacy.epsilon=4",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _run_options(sy, "recipes/iu-xray-reports-synth.yaml", "synthesis.records=500")
