@@ -335,7 +335,8 @@ def _foreign_fields(section, variant: str, fields_of: dict[str, set[str]], prefi
 
 class TrainerConfig(_Strict):
     backend: Literal["opacus", "jax"] = "opacus"
-    grad_sample_mode: Literal["hooks", "ghost"] = Field("hooks", description="opacus: per-sample hooks or ghost clipping")
+    grad_sample_mode: Literal["hooks", "ghost", "auto"] = Field(
+        "hooks", description="opacus: per-sample hooks, ghost clipping, or auto (ghost where it is cheaper: MLPs)")
     clipping: Literal["auto", "vmap"] = Field(
         "auto", description="jax: fast per-layer clipping where possible (auto) or vmap per-example gradients")
     max_physical_batch_size: Int = Field(1024, ge=1, le=1 << 20,

@@ -157,6 +157,9 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
             raise RunError(f"privacy.audit.canaries: {err}; or set privacy.audit.canaries=0") from None
     trainer = build_trainer(recipe, dist)
     model = build_model(recipe, data)
+    if recipe.trainer.backend == "opacus":  # grad_sample_mode: auto -> hooks or ghost, from the layer shapes
+        trainer.resolve_mode(model, data.x_train[:1], per_example_rows=data.privacy_unit == "example"
+                             and recipe.training.augmult <= 1)
     try:
         dataset_id = dist.on_main(lambda: dataset_identity(recipe.data))
     except ValueError as err:
@@ -216,7 +219,7 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
                      "warning": data.preprocessing.get("warning"),  # e.g. per-image DP on data with patient ids
                      "note": "exact counts: private (the statement releases only 'units')"},
             "training": {"backend": recipe.trainer.backend,
-                         "clipping": recipe.trainer.grad_sample_mode if recipe.trainer.backend == "opacus"
+                         "clipping": trainer.mode_reason if recipe.trainer.backend == "opacus"
                          else recipe.trainer.clipping,
                          "steps": session.ledger.steps, "seconds_this_session": round(seconds, 2), "resumed": resume,
                          "world_size": dist.world_size, "devices": trainer.num_devices},

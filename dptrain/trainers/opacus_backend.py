@@ -5,8 +5,10 @@ clipped gradients are summed, Gaussian noise of std sigma*C is added once, and t
 by the *expected* batch size (never the realised one). An empty batch still takes a noise-only step.
 Logical batches larger than ``max_physical_batch_size`` are processed in chunks (virtual steps)
 that never split a unit. ``grad_sample_mode``: ``hooks`` (per-sample gradients via module hooks,
-supports per-patient units) or ``ghost`` (ghost clipping: norms without per-sample gradients;
-per-example units only).
+supports per-patient units), ``ghost`` (ghost clipping: norms without per-sample gradients;
+per-example units only) or ``auto`` (:func:`choose_grad_sample_mode`: a rule on the model's layer shapes,
+resolved with :meth:`OpacusTrainer.resolve_mode` before ``init``; both modes clip each example exactly, so the
+choice changes speed and memory, never the guarantee).
 
 What a row is and its loss come from a ``task``: ``ClassificationTask`` (features -> class logits,
 cross-entropy) by default; ``dptrain.synth.lm.PrefixLMTask`` for causal LMs (token ids -> summed
@@ -142,6 +144,40 @@ def check_model(model: nn.Module, *, fix: bool) -> nn.Module:
     return model
 
 
+def choose_grad_sample_mode(model: nn.Module, example: torch.Tensor) -> tuple[str, str]:
+    """``(mode, reason)``: ghost clipping when it is cheaper than per-sample gradients, else hooks.
+
+    The rule of mixed ghost clipping (Bu et al. 2022, "Scalable and efficient training of large convolutional
+    neural networks with differential privacy"): for a trainable linear or convolution layer with a weight of
+    ``p x d`` (conv: ``C_out x C_in k^2``) applied at ``T`` positions (tokens, output pixels), a per-sample
+    gradient holds ``p d`` numbers per example while the ghost norm costs about ``2 T^2``. Summed over the
+    layers (Opacus picks one mode per model), ghost wins when ``sum 2 T^2 < sum p d``: MLPs (T = 1) take ghost,
+    convolution nets (T = output pixels) and short-sequence LoRA layers take hooks. ``example``: one input row."""
+    shapes: list[tuple[int, int]] = []
+
+    def hook(mod, inp, out):
+        if not (getattr(mod, "weight", None) is not None and mod.weight.requires_grad):
+            return
+        positions = out[0, 0].numel() if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d) else (
+            out.numel() // max(1, out.shape[0]) // max(1, out.shape[-1]))
+        shapes.append((int(positions), int(mod.weight.numel())))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    ghost_cost, hooks_cost = sum(2 * t * t for t, _ in shapes), sum(pd for _, pd in shapes)
+    mode = "ghost" if shapes and ghost_cost < hooks_cost else "hooks"
+    return mode, (f"auto: {mode} (sum over {len(shapes)} layers of 2 T^2 = {ghost_cost} vs per-sample gradient size "
+                  f"{hooks_cost})")
+
+
 class ClassificationTask:
     """Rows are feature vectors (float), targets class indices; per-row loss = cross-entropy."""
 
@@ -164,11 +200,25 @@ class OpacusTrainer:
         if dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", dist.local_rank)
         self.opt_cfg, self.mode = optimizer, grad_sample_mode
+        self.mode_reason = grad_sample_mode
         self.max_physical, self.secure = max_physical_batch_size, secure_rng
         self.steps_done = 0
         self.num_devices = 1  # one device per process; data-parallel processes are counted by dist.world_size
 
     # ---- setup ----
+    def resolve_mode(self, model: nn.Module, example: np.ndarray, *, per_example_rows: bool) -> str:
+        """Resolve ``grad_sample_mode: auto`` for ``model`` (one input row ``example``); ``per_example_rows``:
+        every unit is one row in every batch (no patient units, no augmentation multiplicity), which ghost
+        clipping needs. Returns the mode; other modes are returned unchanged."""
+        if self.mode != "auto":
+            return self.mode
+        if not per_example_rows:
+            self.mode, self.mode_reason = "hooks", "auto: hooks (several rows per unit: ghost clips rows)"
+            return self.mode
+        x = _to(torch.as_tensor(np.asarray(example)[:1]), next(model.parameters()).device)
+        self.mode, self.mode_reason = choose_grad_sample_mode(model, x)
+        return self.mode
+
     def init(self, model: nn.Module, plan: PrivacyPlan, *, seed: int, dp_seed: int, fix_batchnorm: bool = False,
              ema: float | None = None):
         model = check_model(model, fix=fix_batchnorm).to(self.device)
@@ -189,6 +239,8 @@ class OpacusTrainer:
         if plan.mode == "non_private":
             self.model, self.opt = model, base
             return
+        if self.mode == "auto":  # not resolved (resolve_mode): the mode that always applies
+            self.mode, self.mode_reason = "hooks", "auto: hooks (not resolved on an example)"
         if plan.privacy_unit != "example" and self.mode == "ghost":
             raise TrainerError("trainer.grad_sample_mode: ghost clipping clips per row, but the privacy unit is "
                                f"{plan.privacy_unit!r}; use grad_sample_mode: hooks for per-patient clipping")
