@@ -179,7 +179,8 @@ def _cmd_synth(args) -> int:
                      keep_checkpoint=args.keep_checkpoint).run_record
     p, ev = rec.privacy, rec["evaluation"]
     fmt = lambda v: "n/a" if v is None else (v if isinstance(v, str) else f"{v:.4g}")  # noqa: E731
-    print(f"run directory: {out}  (publishable: release/ synthetic.jsonl, DATACARD.md, adapters/; keep in-house: "
+    adapters = ", adapters/" if recipe.synthesis.method == "dp_finetune" else ""
+    print(f"run directory: {out}  (publishable: release/ synthetic.jsonl, DATACARD.md{adapters}; keep in-house: "
           "private/ evaluation.md, record.json)")
     if p.warning:
         print(f"WARNING: {p.warning}")

@@ -315,6 +315,12 @@ class Session:
                     raise RunError(f"--resume: {rd.checkpoint} was written by another recipe (its recipe hash differs "
                                    "from this run's); resume with the original recipe, or start a new run")
                 return ckpt, self.state, None
+            if self.resume and rd.release.is_dir():  # outputs released, seed and noise gone: a restart re-releases
+                out = sorted(p.name for p in rd.release.iterdir() if p.name != rd.config.name)
+                if out:
+                    raise RunError(f"--resume: {rd.release} already holds this run's outputs ({', '.join(out[:3])}) but "
+                                   f"{rd.checkpoint.name} is gone, so a restart would release them again with new "
+                                   "noise (a second, unaccounted release); start a new run in a new --out")
             if self.resume and (rd.private / LEGACY_CHECKPOINT).exists():  # never unpickled, never silently redone
                 raise CheckpointError(f"checkpoint {rd.private / LEGACY_CHECKPOINT}: written by an older dptrain in the "
                                       "torch/pickle format, which is no longer loaded; refusing to load it: finish the "

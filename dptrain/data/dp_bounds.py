@@ -24,11 +24,13 @@ normals from the caller (the OS CSPRNG in ``dptrain train``).
 
 Sharp edges
 -----------
-* Accuracy: each step's noise has std s (160 at the defaults sigma 20, T 8); a quantile is found to within
+* Accuracy: each step's noise has std s (80 at the defaults sigma 20, T 8: 20 sqrt(16)); a quantile is found to within
   about 2 s units of rank plus one grid step. With few training units the bounds fall inside the data's
   range (more clipping) or reach the public range's edge; raise sigma only with many units.
 * A public range that misses the data puts a bound at its edge (the record notes it): check the range.
 * Missing values (with a declared rule) take no part; the filled value is then clipped like any other.
+* The guarantee, like the run's, is about neighbouring *training sets*: adding a row to the source file can
+  reshuffle the train / test split (it is a permutation of the unit ids), which changes who is trained on.
 * The draw is a release: it is made once per run (persisted in ``private/state.json`` and reused on resume) and
   only when the caller attaches a noise source (:func:`attach`); a loader without one refuses.
 """
@@ -141,7 +143,7 @@ def release_bounds(cfg: DataConfig, values: Mapping[str, np.ndarray], units: np.
         s = _settings(cfg, col)
         lo, hi = noisy_bounds(values[col], units, rng=tuple(s["range"]), quantiles=tuple(s["quantiles"]),
                               steps=s["steps"], noise_multiplier=s["noise_multiplier"], normal=source.noise)
-        out[col] = {"bounds": [float(lo), float(hi)], **s, "noisy_counts": 2 * s["steps"],
+        out[col] = {"bounds": [float(lo), float(hi)], **s, "num_queries": 2 * s["steps"],
                     "count_noise_std": s["noise_multiplier"] * math.sqrt(2 * s["steps"]), "ledger": LABEL + col}
         if lo == s["range"][0] or hi == s["range"][1]:
             out[col]["note"] = ("a bound is at the edge of the public range: the range may be too narrow (values "
@@ -161,14 +163,14 @@ def describe(col_info: Mapping[str, Any]) -> str:
 def ledger_releases(release: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
     """(label, DpEvent) per column, for ``PrivacyPlan.from_recipe(..., releases=)``: ``2 T`` adaptive Gaussian
     counts of std s and sensitivity 1 are exactly ``GaussianDpEvent(s / sqrt(2 T))``."""
-    return tuple((info["ledger"], acc.gaussian_release_event(info["count_noise_std"], math.sqrt(info["noisy_counts"])))
+    return tuple((info["ledger"], acc.gaussian_release_event(info["count_noise_std"], math.sqrt(info["num_queries"])))
                  for info in ((release or {}).get("columns") or {}).values())
 
 
 def statement_releases(release: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
     """The statement's ``releases`` entries (noise std and L2 sensitivity of the whole column's release)."""
     return {info["ledger"]: {"noise_std": float(info["count_noise_std"]),
-                             "l2_sensitivity": math.sqrt(info["noisy_counts"]), "noisy_counts": int(info["noisy_counts"])}
+                             "l2_sensitivity": math.sqrt(info["num_queries"]), "num_queries": int(info["num_queries"])}
             for info in ((release or {}).get("columns") or {}).values()}
 
 

@@ -62,7 +62,9 @@ def render_datacard(record: dict[str, Any], p: PrivacyStatement, *, public: bool
          f"q={_f(p.sampling_rate, 5)}, noise multiplier {_f(p.noise_multiplier, 4)}, per-record clipping "
          f"norm {p.clipping_norm})")
         + ("" if lc["mode"] != "dp_histogram" else
-           f" and a Gaussian label histogram (noise std {_f(p.releases['label_histogram']['noise_std'], 2)})")
+           f", a Gaussian label histogram (noise std {_f(p.releases['label_histogram']['noise_std'], 2)})")
+        + ("" if "unit_count" not in (p.releases or {}) else
+           f", and the Gaussian count of records (noise std {_f(p.releases['unit_count']['noise_std'], 2)})")
         + ".",
         "- Records per label: " + ("noisy DP histogram (post-processed: negative counts -> 0, largest remainder)"
                                    if lc["mode"] == "dp_histogram" else f"declared public prior {lc['prior']}")

@@ -22,8 +22,10 @@ sensitivity 1 on a histogram whose candidates depend only on earlier *released* 
 and public randomness, so T rounds compose adaptively; with the DP count of records and the DP label
 histogram, all are composed in the run's one ledger (PLD accountant) and sigma is calibrated so the whole
 meets the target epsilon. Every output is post-processing of those releases. The noise of round t is drawn
-from the run's secret DP seed and t, so a run resumed after a crash recomputes the same release instead of
-drawing a new one (no re-spending; :func:`evolve` saves its state after every round).
+from the run's secret DP seed and t (or the OS CSPRNG with ``privacy.secure_rng``). A round counts as released
+once its state and ledger entry are persisted (:func:`evolve` calls ``on_round`` after every round, before
+anything else happens); a crash before that point released nothing from the round, and a resume redoes it
+once. A resume whose checkpoint is gone is refused (it would redraw released rounds).
 """
 
 from __future__ import annotations

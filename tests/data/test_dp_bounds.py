@@ -89,7 +89,7 @@ def test_one_unit_moves_the_statistic_by_at_most_one():
 def test_a_column_release_is_exactly_one_gaussian_event():
     """2 T adaptive Gaussian counts of std s are GaussianDpEvent(s / sqrt(2 T)) (Gaussian DP composition): the
     PLD of the 16 composed counts gives the same epsilon as the one event in the ledger."""
-    release = {"columns": {"a": {"ledger": "dp_bounds:a", "count_noise_std": 20 * 4.0, "noisy_counts": 16}}}
+    release = {"columns": {"a": {"ledger": "dp_bounds:a", "count_noise_std": 20 * 4.0, "num_queries": 16}}}
     ((label, event),) = ledger_releases(release)
     assert label == "dp_bounds:a" and event == dpa.GaussianDpEvent(20.0)
     eps = []

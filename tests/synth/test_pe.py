@@ -171,3 +171,34 @@ def test_private_evolution_resumes_after_a_crash_without_re_spending(tiny, corpu
     assert rec["privacy"]["epsilon"] == pytest.approx(clean["privacy"]["epsilon"])
     assert (out / "release" / "synthetic.jsonl").read_text() == (tmp_path / "clean" / "release" /
                                                                   "synthetic.jsonl").read_text()
+
+
+def test_resume_without_the_checkpoint_never_releases_twice(tiny, corpus, tmp_path, monkeypatch):  # noqa: F811
+    """Rounds released (ledger.json in release/), then the checkpoint (secret seed, population) is lost: a
+    restart would redraw every round's noise and release again, so --resume refuses in one line."""
+    from dptrain.lifecycle import RunError
+    from dptrain.synth import pipeline
+
+    torch.set_num_threads(1)
+    recipe = _pe_recipe(tiny, corpus, **{"synthesis.evaluation.canaries": 0,
+                                         "synthesis.evaluation.dp_baseline": False})
+    real_vote = pe.nearest_votes
+    calls = {"n": 0}
+
+    def crash_on_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_vote(*a, **k)
+
+    monkeypatch.setattr(pe, "nearest_votes", crash_on_second)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.synthesize(recipe, out, progress=False)
+    monkeypatch.undo()
+    (out / "private" / "checkpoint.dptckpt").unlink()
+    before = sorted(p.name for p in (out / "release").iterdir())
+    with pytest.raises(RunError, match=r"^--resume: .*already holds this run's outputs .*ledger\.json.*start a new run"):
+        pipeline.synthesize(recipe, out, resume=True, progress=False)
+    assert sorted(p.name for p in (out / "release").iterdir()) == before  # nothing new written
+
