@@ -46,7 +46,8 @@ def row(run: Path, wall: dict[str, float]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--wall", nargs="*", default=[], help="DIR_NAME=SECONDS measured around the command")
+    ap.add_argument("--wall", nargs="*", action="extend", default=[], help="DIR_NAME=SECONDS measured around the "
+                    "command (repeatable)")
     a = ap.parse_args(argv)
     wall = {k: float(v) for k, v in (w.split("=", 1) for w in a.wall)}
     print("| method | epsilon (spent) | wall time | synthetic-trained acc / AUROC | real AUROC (non-private) | "
