@@ -3,7 +3,7 @@
 The sweep sets data.validation_fraction=0.2 (the recipe has none): every run shares one train/validation/test
 split; the report goes to DIR/private/, the selection statement to DIR/release/selection.json.
 
-Both backends in one sweep run in `make demo`; here JAX would only add compile time."""
+Both backends in one sweep are planned in test_sweep.py (plan_points); here JAX would only add compile time."""
 
 from __future__ import annotations
 
