@@ -158,7 +158,8 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
     trainer = build_trainer(recipe, dist)
     model = build_model(recipe, data)
     if recipe.trainer.backend == "opacus":  # grad_sample_mode: auto -> hooks or ghost, from the layer shapes
-        trainer.resolve_mode(model, data.x_train[:1], per_example_rows=data.privacy_unit == "example"
+        trainer.resolve_mode(model, np.zeros_like(data.x_train[:1]), per_example_rows=  # shapes only, no record
+                             data.privacy_unit == "example"
                              and recipe.training.augmult <= 1)
     try:
         dataset_id = dist.on_main(lambda: dataset_identity(recipe.data))

@@ -32,13 +32,17 @@ def num(x: Any, nd: int = 3) -> str:
     return f"{x:.{nd}f}"
 
 
+def _with_ci(a: dict[str, Any], fmt, nd: int) -> str:
+    lo, hi = a["ci"]
+    s = fmt(a["mean"], nd)
+    if not (math.isnan(lo) or math.isnan(hi)):
+        s += f" [{fmt(lo, nd)}, {fmt(hi, nd)}]"
+    return s
+
+
 def ci(a: dict[str, Any], nd: int = 3) -> str:
     """``mean [low, high]`` of an aggregate (``{"mean", "ci"}``); the interval is left out when it is nan."""
-    lo, hi = a["ci"]
-    s = num(a["mean"], nd)
-    if not (math.isnan(lo) or math.isnan(hi)):
-        s += f" [{num(lo, nd)}, {num(hi, nd)}]"
-    return s
+    return _with_ci(a, num, nd)
 
 
 def sd(a: dict[str, Any]) -> str:
@@ -52,8 +56,4 @@ def signed(x: float, nd: int = 3) -> str:
 
 def signed_ci(a: dict[str, Any], nd: int = 3) -> str:
     """``+mean [low, high]`` of a change; the interval is left out when it is nan."""
-    lo, hi = a["ci"]
-    s = signed(a["mean"], nd)
-    if not (math.isnan(lo) or math.isnan(hi)):
-        s += f" [{signed(lo, nd)}, {signed(hi, nd)}]"
-    return s
+    return _with_ci(a, signed, nd)
