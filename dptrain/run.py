@@ -225,6 +225,8 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
                          "steps": session.ledger.steps, "seconds_this_session": round(seconds, 2), "resumed": resume,
                          "world_size": dist.world_size, "devices": trainer.num_devices},
         }
+        if getattr(model, "provenance", None):  # a public pretrained backbone: which file, that it is public
+            record["training"]["backbone"] = model.provenance
         record["model_files"] = str(session.release_dir().relative_to(rd.root))
 
         def write_release() -> None:  # the model, and its cards: publishable next to it, full in private/

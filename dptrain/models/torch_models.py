@@ -1,4 +1,5 @@
-"""PyTorch models: an MLP and logistic regression for tables; a MONAI CNN (GroupNorm) for images."""
+"""PyTorch models: an MLP and logistic regression for tables; a MONAI CNN (GroupNorm) or a public pretrained
+backbone (:mod:`dptrain.models.backbones`) for images."""
 
 from __future__ import annotations
 
@@ -52,8 +53,19 @@ def build_cnn(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> 
     return net
 
 
-def build_torch_model(cfg: ModelConfig, in_features: int | tuple[int, ...], num_classes: int) -> nn.Module:
-    """Logits model: ``in_features`` (tables) or an image shape (C, H, W) -> ``num_classes`` logits."""
+def build_torch_model(cfg: ModelConfig, in_features: int | tuple[int, ...], num_classes: int, *,
+                      pretrained: bool = True) -> nn.Module:
+    """Logits model: ``in_features`` (tables) or an image shape (C, H, W) -> ``num_classes`` logits.
+
+    ``pretrained=False`` (a released model's skeleton) does not read ``model.backbone``'s weights file."""
+    if cfg.name == "pretrained":
+        from dptrain.models.backbones import build_torch_backbone_classifier
+
+        if isinstance(in_features, int):
+            raise ValueError("model.name: pretrained needs image data (data.image or builtin:br35h); use mlp for "
+                             "tables")
+        return build_torch_backbone_classifier(cfg.backbone if pretrained else None, in_features, num_classes,
+                                               cfg.finetune)
     if cfg.name == "cnn":
         if isinstance(in_features, int):
             raise ValueError("model.name: cnn needs image data (data.image or builtin:br35h); use mlp for tables")

@@ -51,7 +51,8 @@ class _TorchNet:
         self.torch = torch
         with torch.random.fork_rng(devices=[]):  # the initial values are replaced; the global RNG is untouched
             torch.manual_seed(0)
-            self.module = build_torch_model(cfg, inputs if isinstance(inputs, int) else tuple(inputs), num_classes)
+            self.module = build_torch_model(cfg, inputs if isinstance(inputs, int) else tuple(inputs), num_classes,
+                                           pretrained=False)
         self.module.train(False)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
