@@ -200,10 +200,10 @@ def build_torch_backbone_classifier(source: str | None, in_shape: tuple[int, ...
             return self.backbone((x * 255.0 - 127.0) / 128.0).mean(dim=(2, 3))
 
         def forward(self, x):
-            if finetune != "head" or torch.is_grad_enabled() and x.requires_grad:
+            if finetune != "head" or not self.training:  # eval, predict, export: the plain function
                 return self.head(self.features(x))
-            # A frozen backbone maps a row to the same features every epoch: compute each distinct row once.
-            # Keyed by the row's bytes, so an augmented or changed row is simply a new key (exact, not approximate).
+            # Training with a frozen backbone maps a row to the same features every epoch: compute each distinct
+            # row once. Keyed by the row's bytes, so an augmented or changed row is a new key (exact).
             keys = [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in x.detach().cpu().numpy()]
             todo = [i for i, k in enumerate(keys) if k not in self._memo]
             if todo:

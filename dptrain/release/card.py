@@ -94,7 +94,11 @@ def _intended_use(record: RunRecord, recipe: Recipe | None) -> list[str]:
     if recipe is not None:
         m = recipe.model
         arch = {"mlp": f"MLP, hidden layers {list(m.hidden)}", "logistic": "logistic regression",
-                "cnn": f"CNN, channels {list(m.channels)}"}.get(m.name, m.name)
+                "cnn": f"CNN, channels {list(m.channels)}",
+                "pretrained": f"EfficientNet-Lite0 backbone with public pretrained weights (`{m.backbone}`, not "
+                              "trained on these records"
+                              + (", frozen) and a DP-trained linear head" if m.finetune == "head" else
+                                 ") fine-tuned with DP")}.get(m.name, m.name)
         lines.append(f"- Model: {arch}; backend `{recipe.trainer.backend}`; recipe `{recipe.name}`.")
     lines += ["- Use it with `dptrain predict RUN --data new.csv`, `dptrain.load_model(RUN)` or "
               "`dptrain export RUN --format onnx`.", "", f"**{NOT_A_DEVICE}**", ""]

@@ -309,7 +309,8 @@ class OpacusTrainer:
             d = ema_decay_at(self.ema_decay, self.steps_done)
             with torch.no_grad():
                 for e, p in zip(self.ema, self.module.parameters(), strict=True):
-                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+                    if p.requires_grad:  # a frozen (public) parameter stays bit-identical
+                        e.mul_(d).add_(p.detach(), alpha=1 - d)
         return stats
 
     def _tensors(self, batch: Batch, rows: np.ndarray):

@@ -50,6 +50,7 @@ def test_memo_is_exact_and_keyed_by_row(net):
     """The frozen-feature memo returns exactly what the backbone computes, for repeated and changed rows."""
     x = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(2))
     net._memo.clear()
+    net.train()  # the memo serves training steps only; eval (predict, export) runs the plain function
     with torch.no_grad():
         direct = net.head(net.features(x))
         first, again = net(x), net(x)
@@ -60,6 +61,11 @@ def test_memo_is_exact_and_keyed_by_row(net):
     assert torch.allclose(first, direct, atol=1e-5) and torch.equal(first, again)
     assert torch.allclose(changed[3], net.head(net.features(y[3:4]))[0], atol=1e-5)
     assert not torch.allclose(changed[3], first[3]) and torch.equal(changed[[0, 1, 2, 4, 5]], first[[0, 1, 2, 4, 5]])
+    net.eval()
+    with torch.no_grad():
+        before = len(net._memo)
+        net(torch.rand(2, 1, 32, 32))
+    assert len(net._memo) == before  # nothing memoised outside training
 
 
 def test_no_batch_dependence_and_only_the_head_trains(net):
@@ -118,7 +124,7 @@ def test_run_records_the_public_backbone_and_releases_a_working_model(tmp_path, 
         "name": "bb", "data": {"source": str(tmp_path / "m.csv"), "label": "label", "positive_label": 1,
                                "test_fraction": 0.25, "image": {"size": 32}},
         "model": {"name": "pretrained"}, "privacy": {"epsilon": 8, "delta": 1e-4},
-        "optimizer": {"lr": 1.0, "momentum": 0.9}, "training": {"epochs": 3, "batch_size": 16}})
+        "optimizer": {"lr": 1.0, "momentum": 0.9}, "training": {"epochs": 3, "batch_size": 16, "ema": 0.9}})
     out = tmp_path / "run"
     rec = train(recipe, out, progress=False).record
     bb = rec["training"]["backbone"]
@@ -128,8 +134,12 @@ def test_run_records_the_public_backbone_and_releases_a_working_model(tmp_path, 
     model = load_model(out)
     released = model._net.module.state_dict()
     fresh = build_torch_backbone_classifier(SRC, (1, 32, 32), 2).state_dict()
-    assert all(torch.equal(released[k], fresh[k]) for k in fresh if k.startswith("backbone."))  # frozen: untouched
+    assert all(torch.equal(released[k], fresh[k]) for k in fresh if k.startswith("backbone."))  # frozen, EMA too
     assert not torch.equal(released["head.weight"], fresh["head.weight"])
     run_scores = pd.read_parquet(out / "private" / "predictions.parquet")["score"].to_numpy()  # test rows
     scores = model.predict_file(tmp_path / "m.csv")["score"].to_numpy()  # every row, from the release alone
     assert len(scores) == 80 and all(np.abs(scores - s).min() < 1e-5 for s in run_scores)
+    if all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")):
+        from dptrain.release.export import export_onnx
+
+        assert export_onnx(out, tmp_path / "m.onnx").is_file()  # checked against the model by onnxruntime
