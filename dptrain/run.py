@@ -42,6 +42,7 @@ COVERS = ("the training records (add/remove one privacy unit) for everything und
           "checkpoint with the secret DP seed)")
 PUBLIC = ("the recipe (declared feature bounds and categories, model, optimiser, batch size, epochs, seeds of the "
           "split and the initialisation), the public initial weights, and the number of units as stated in 'units'")
+BACKBONE_PUBLIC = "; the pretrained backbone weights (model.backbone, sha256 in the record) are public"
 DP_BOUNDS_PUBLIC = ("; the coarse ranges of data.dp_bounds are declared public, the bounds estimated within them from "
                     "the training records are DP releases listed in 'releases' (dp_bounds:COLUMN)")
 
@@ -206,7 +207,8 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
             metrics["validation"] = _metrics(data.y_val, trainer.predict(data.x_val), data.classes)
         _write_predictions(rd.private / "predictions.parquet", data, probs)
         statement = run_statement(plan, session.ledger, recipe, session.count, releases=statement_releases(bounds),
-                                  covers=COVERS, public=PUBLIC + (DP_BOUNDS_PUBLIC if bounds else ""))
+                                  covers=COVERS, public=PUBLIC + (DP_BOUNDS_PUBLIC if bounds else "")
+                                  + (BACKBONE_PUBLIC if recipe.model.name == "pretrained" else ""))
         audit = _audit(trainer.predict, data, canaries, statement, recipe)
         atomic_write_json(rd.private / "audit.json", jsonable(audit))
         record = {

@@ -198,7 +198,7 @@ def build_torch_backbone_classifier(source: str | None, in_shape: tuple[int, ...
         def features(self, x):
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
-            if torch.is_grad_enabled() and finetune != "head" or len(x) <= CHUNK:
+            if torch.compiler.is_compiling() or torch.is_grad_enabled() and finetune != "head" or len(x) <= CHUNK:
                 return self.backbone((x * 255.0 - 127.0) / 128.0).mean(dim=(2, 3))
             # frozen: in chunks, so the expanded activations stay in cache (a 512-image batch at once is ~5x slower)
             return torch.cat([self.features(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])

@@ -130,6 +130,7 @@ def test_run_records_the_public_backbone_and_releases_a_working_model(tmp_path, 
     bb = rec["training"]["backbone"]
     assert bb["public"] is True and bb["backbone"] == SRC and len(bb["sha256"]) == 64 and bb["trainable"] == "head"
     assert json.loads((out / "private" / "record.json").read_text())["training"]["backbone"] == bb
+    assert "pretrained backbone weights" in rec["privacy"]["public"]  # the statement says what is public
     assert rec["metrics"]["test"]["accuracy"] >= 0.8  # the classes differ in brightness: easy with good features
     model = load_model(out)
     released = model._net.module.state_dict()
