@@ -2,9 +2,11 @@
 
 Guarantee: the returned noise multiplier (or step count) is *verified* with the very accountant and
 discretisation a ledger uses by default, so ``epsilon(result) <= target`` exactly as the ledger will
-report it. Speed comes from steering with a fast RDP proxy (integer orders), one Newton step from a
-mid-size PLD grid, then safeguarded secant steps at the ledger's grid that keep a bracket
-lo (fails) < sigma* <= hi (meets); RDP targets are solved exactly with Brent's method.
+report it. PLD targets: secant steps on a 5x coarser grid, a Richardson extrapolation to the ledger's
+grid, then the ledger's own evaluation certifies the answer (``_pld_search``; usually one evaluation at the
+ledger's grid). Where that search gives up, and for RDP targets, a fast RDP proxy (integer orders) steers:
+for PLD one Newton step from a mid-size grid, then safeguarded secant steps at the ledger's grid that keep a
+bracket lo (fails) < sigma* <= hi (meets); RDP targets are solved exactly with Brent's method.
 """
 
 from __future__ import annotations
@@ -137,8 +139,15 @@ def calibrate_noise_multiplier(
             f"target_epsilon: the other releases (extra_events) alone spend the whole target {target:g}; "
             "raise the target or give them more noise")
     eps = _eps_fn(scheme, steps, delta, accountant, extra)
-    proxy, solve = _proxy(scheme, steps, delta, extra)
     fine = pld_discretization
+    if accountant == "pld":
+        found = _pld_search(eps, target, _initial_guess(scheme, steps, target, delta), _gdp_slope(
+            scheme, steps, target, delta), fine)
+        if found is not None:
+            return found
+    # The general search (RDP targets; PLD targets the fast search above leaves: a root at or below the
+    # smallest noise multiplier searched, non-finite epsilons, no convergence).
+    proxy, solve = _proxy(scheme, steps, delta, extra)
 
     def slope(sig: float) -> float:
         return (math.log(max(proxy(sig * 1.01), _TINY)) - math.log(max(proxy(sig), _TINY))) / math.log(1.01)
@@ -217,6 +226,85 @@ def calibrate_noise_multiplier(
     if hi is not None and hi[0] <= _SIGMA_MIN:
         raise _too_large(target, delta, hi[1])
     return hi[0] if hi is not None else _verified(eps, sigma * 1.002, target, fine)
+
+
+def _gdp_slope(scheme: SamplingScheme, steps: int, epsilon: float, delta: float) -> float:
+    """d log(epsilon) / d log(sigma) of the Gaussian-DP approximation: the first step's slope (-2 if unusable)."""
+    lo, hi = _initial_guess(scheme, steps, epsilon, delta), _initial_guess(scheme, steps, epsilon * 1.1, delta)
+    slope = math.log(1.1) / math.log(hi / lo) if hi != lo else math.nan
+    return slope if -20 < slope < -0.2 else -2.0
+
+
+def _pld_search(eps, target: float, sigma0: float, slope: float, fine: float) -> float | None:
+    """The PLD calibration: a noise multiplier certified at the ledger's grid, or None (use the general search).
+
+    1. Secant steps (log-log, safeguarded by a bracket) solve epsilon = target on a grid ``k`` times coarser
+       than ``fine`` (pessimistic, so an upper bound; each evaluation costs ~1/k of a fine one).
+    2. The grid error shrinks like the square of the interval: one more evaluation at 2k extrapolates
+       (Richardson) the coarse epsilon to the fine grid; a margin of a quarter of that correction (seen
+       <= 1/6 of it) covers the extrapolation error.
+    3. One fine evaluation, the ledger's own, certifies the prediction; a miss takes a measured step and is
+       evaluated again. A hit predicted more than 0.1% above the smallest noise multiplier meeting the target
+       gets one fine step down (kept only if it also meets the target).
+    Returned values are only ever ones whose fine (ledger) epsilon is <= target.
+    """
+    k = max(1, min(5, int(target / (200 * fine))))
+    log_t, floor, ceil = math.log(target), math.log(_SIGMA_MIN), math.log(_SIGMA_MAX)
+    lo = hi = None  # (log sigma, log eps) on the coarse grid: eps > target at lo, <= target at hi
+    x, last = min(max(math.log(sigma0), floor), ceil), None
+    for _ in range(12):
+        e = eps(math.exp(x), k * fine)
+        if not 0 < e < math.inf:
+            return None
+        point = (x, math.log(e))
+        if last is not None and abs(x - last[0]) > 1e-9:
+            measured = (point[1] - last[1]) / (x - last[0])
+            slope = measured if -50 < measured < 0 else slope
+        last = point
+        if point[1] > log_t:
+            lo = point if lo is None or x > lo[0] else lo
+        else:
+            hi = point if hi is None or x < hi[0] else hi
+        step = (log_t - point[1]) / slope
+        if abs(step) < 1e-3:
+            if k == 1 and point[1] <= log_t:
+                return math.exp(x)  # the steering grid is the ledger's: this evaluation certifies it
+            break
+        nxt = x + min(max(step, -0.5), 0.5)
+        if lo is not None and hi is not None and not lo[0] < nxt < hi[0]:
+            nxt = (lo[0] + hi[0]) / 2
+        if nxt < floor or nxt > ceil:
+            return None  # the root is outside the noise multipliers searched: the general search says why
+        x = nxt
+    else:
+        return None
+    x, log_e = last
+    log_pred, margin = log_e, 2e-5
+    if k > 1:  # Richardson extrapolation of the coarse epsilon to the fine grid
+        e1, e2 = math.exp(log_e), eps(math.exp(x), 2 * k * fine)
+        pred = e1 - (e2 - e1) * (k * k - 1) / (3 * k * k)
+        if e2 >= e1 and 0 < pred <= e1:
+            log_pred = math.log(pred)
+            margin += 0.25 * (log_e - log_pred)
+    x_try = x + (log_t - margin - log_pred) / slope
+    best = None  # the smallest noise multiplier whose fine (ledger) epsilon is <= target
+    for _ in range(4):
+        if not floor <= x_try <= ceil:
+            return best
+        e = eps(math.exp(x_try), fine)
+        if not 0 < e < math.inf:
+            return best
+        gap = (log_t - math.log(e)) / slope  # predicted log(sigma* / sigma) on the fine grid
+        if e <= target:
+            best = math.exp(x_try)  # each hit after the first is a step down from the previous one
+            if -gap < 1e-3:
+                return best
+            x_try += gap + max(1e-4, -0.05 * gap)  # meets, but more than 0.1% above sigma*: step down
+        elif best is not None:
+            return best  # the step down missed: keep the certified one
+        else:
+            x_try += gap + max(1e-4, 0.25 * gap)  # missed: step up past the predicted root
+    return best
 
 
 def _verified(eps, sigma: float, target: float, discretization: float) -> float:
