@@ -267,7 +267,7 @@ def _pld_search(eps, target: float, sigma0: float, slope: float, fine: float) ->
             hi = point if hi is None or x < hi[0] else hi
         step = (log_t - point[1]) / slope
         if abs(step) < 1e-3:
-            if k == 1 and point[1] <= log_t:
+            if k == 1 and e <= target:  # compared as floats: log() can map a value just above onto the target
                 return math.exp(x)  # the steering grid is the ledger's: this evaluation certifies it
             break
         nxt = x + min(max(step, -0.5), 0.5)

@@ -145,33 +145,35 @@ def _linear_method(b: int, t: int, d: int, e: int, units: Units | None, force: L
     return "direct"
 
 
-def _linear_norm2(a, g, units: Units | None, force: LayerMethod):
-    """a: (B, T, d), g: (B, T, e). Returns (norm^2 per row or unit, state for the clipped sum)."""
-    b, t, d = a.shape
-    e = g.shape[-1]
+def _linear_norm2(a, g, units: Units | None, force: LayerMethod, a_sub: str = "btd"):
+    """a: (B, T, d) (``a_sub="btd"``) or (B, d, T) (``"bdt"``: conv patches, feature-major), g: (B, T, e).
+    Returns (norm^2 per row or unit, state for the clipped sum)."""
+    b, e = g.shape[0], g.shape[-1]
+    t = g.shape[1]
+    d = a.shape[1] * a.shape[2] // t
     how = _linear_method(b, t, d, e, units, force)
     if how == "outer":  # T = 1, per example
         return _sq(a) * _sq(g), (how, None)
     if how == "ghost" and units is None:
-        ka = jnp.einsum("btd,bsd->bts", a, a)
+        ka = jnp.einsum(f"{a_sub},{a_sub.replace('t', 's')}->bts", a, a)
         kg = jnp.einsum("bte,bse->bts", g, g)
         return jnp.sum(ka * kg, axis=(1, 2)), (how, None)
     if how == "ghost":  # per unit, T = 1: Gram over same-unit row pairs
-        a2, g2 = a[:, 0], g[:, 0]
+        a2, g2 = a.reshape(b, d), g[:, 0]
         same = units.seg[:, None] == units.seg[None, :]
         k = jnp.where(same, (a2 @ a2.T) * (g2 @ g2.T), 0.0)
         return units.sum(jnp.sum(k, axis=1)), (how, None)
-    w = jnp.einsum("btd,bte->bde", a, g)
+    w = jnp.einsum(f"{a_sub},bte->bde", a, g)
     if units is not None:
         w = units.sum(w)
     return _sq(w), (how, w)
 
 
-def _linear_clipped(a, g, state, c_unit, c_row):
+def _linear_clipped(a, g, state, c_unit, c_row, a_sub: str = "btd"):
     how, w = state
     if how == "direct":
         return jnp.einsum("u,ude->de", c_unit, w)
-    return jnp.einsum("btd,bte->de", a, g * c_row[:, None, None])
+    return jnp.einsum(f"{a_sub},bte->de", a, g * c_row[:, None, None])
 
 
 def _bias_grads(g, units):
@@ -210,19 +212,45 @@ class _DenseRule(_Rule):
         return out
 
 
+def conv_patches(x, kernel_size, strides, padding) -> jax.Array:
+    """im2col of an NHWC input, feature-major: (B, kh * kw * C, Ho * Wo), features in (i, j, c) order, so that a
+    conv equals ``einsum("bkt,ko->bto", patches, kernel.reshape(-1, O))`` for an HWIO kernel. Strided slices of
+    the channel-major input stacked along a major axis (contiguous copies: much faster in XLA on CPU than
+    ``conv_general_dilated_patches``, itself a convolution, or a channels-last concatenation)."""
+    b, h, w, c = x.shape
+    (kh, kw), (sh, sw) = kernel_size, strides
+    pads = lax.padtype_to_pads((h, w), kernel_size, strides, padding) if isinstance(padding, str) else padding
+    xt = jnp.pad(jnp.transpose(x, (0, 3, 1, 2)), ((0, 0), (0, 0), *[tuple(p) for p in pads]))
+    ho, wo = (xt.shape[2] - kh) // sh + 1, (xt.shape[3] - kw) // sw + 1
+    cols = [lax.slice(xt, (0, 0, i, j), (b, c, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1), (1, 1, sh, sw))
+            for i in range(kh) for j in range(kw)]
+    return jnp.stack(cols, 1).reshape(b, kh * kw * c, ho * wo)
+
+
 class _ConvRule(_DenseRule):
-    """A convolution is a Dense layer on im2col patches; the sequence is the output pixels."""
+    """A convolution is a Dense layer on im2col patches; the sequence is the output pixels. The patches are
+    feature-major (B, kh kw C, T) (see ``conv_patches``); g is (B, Ho, Wo, O) -> (B, T, O)."""
 
     def __init__(self, x, g, spec: LayerSpec, units, force, kernel_shape):
         s = spec.static
-        patches = lax.conv_general_dilated_patches(
-            x, s["kernel_size"], s["strides"], s["padding"], dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        kh, kw, cin, cout = kernel_shape
-        super().__init__(patches, g, spec, units, force, (cin, kh, kw, cout))
+        b = x.shape[0]
+        self.a = conv_patches(x, s["kernel_size"], s["strides"], s["padding"])
+        self.g = g.reshape(b, -1, g.shape[-1])
+        self.units, self.force, self.kernel_shape = units, force, kernel_shape
+        self.has_bias = "bias" in spec.params
+
+    def norm2(self):
+        n2, self.state = _linear_norm2(self.a, self.g, self.units, self.force, a_sub="bdt")
+        if self.has_bias:
+            self.gb = _bias_grads(self.g, self.units)
+            n2 = n2 + _sq(self.gb)
+        return n2
 
     def clipped(self, c_unit, c_row):
-        out = super().clipped(c_unit, c_row)
-        out["kernel"] = out["kernel"].transpose(1, 2, 0, 3)  # (C, kh, kw, O) -> HWIO
+        out = {"kernel": _linear_clipped(self.a, self.g, self.state, c_unit, c_row, a_sub="bdt").reshape(
+            self.kernel_shape)}  # (kh kw C, O) -> HWIO
+        if self.has_bias:
+            out["bias"] = jnp.einsum("u,ue->e", c_unit, self.gb)
         return out
 
 

@@ -11,16 +11,22 @@ Clipping (``clipping``): ``auto`` -- ghost norms / book-keeping for the layers o
 ``dptrain.trainers.fast_clip``); ``vmap`` -- vmap per-example gradients for everything. Per-unit
 clipping (a patient with several rows) works in both.
 
-Static shapes: the batch is padded with masked rows, so jit compiles once per shape:
-  * per example, under plain Poisson sampling (what ``PrivacyPlan.from_recipe`` builds for both backends:
-    a truncated-Poisson event would depend on the exact number of units, which is private) the batch is
-    padded to the next power of two (a few compilations per run). Under ``TruncatedPoissonSampling``
-    (still supported when a plan is built by hand) always ``scheme.max_batch_size`` rows, one compilation;
-    a larger batch is refused.
-  * per unit: rows are grouped by unit into chunks that never split a unit; the row count is padded
-    to a power of two (at least ``max_batch_size`` when the scheme has one), chunks to a power of two.
-Logical batches above ``max_physical_batch_size`` rows are processed in equal chunks by ``lax.scan``
-inside the same compiled step (gradient accumulation; the noise is still added once).
+Static shapes: one compiled step per run. The batch is laid out in chunks of a fixed number of rows per run
+(masked padding rows fill the last chunk); the compiled step processes one chunk, adds its clipped (or plain)
+gradient sum to an accumulator and, on the last chunk of a step (a traced flag, ``lax.cond``), adds the noise
+and updates the parameters. So a step of K chunks is K calls of the same program (gradient accumulation; the
+noise is still added once), and neither the batch size nor the number of chunks changes a shape.
+  * rows per chunk (per example): ``min(max_physical_batch_size, cap)`` where cap is
+    ``scheme.max_batch_size`` under ``TruncatedPoissonSampling`` (a larger batch is refused) and otherwise
+    ``E + 4 sqrt(E) + 1`` rounded up to a multiple of 8 (E = the expected batch size): a Poisson batch above it
+    (probability below 1e-4) takes a second chunk, not a new compilation. (A truncated-Poisson event would
+    depend on the exact number of units, which is private, so ``PrivacyPlan.from_recipe`` builds plain Poisson.)
+  * per unit (several rows per unit, e.g. augmentation multiplicity): rows are grouped by unit into chunks
+    that never split a unit; rows per chunk are fixed at the first non-empty batch, from its rows per unit
+    (cap or the bound above, in units, times rows per unit; at most ``max_physical_batch_size``). A later
+    unit with more rows than that grows the chunk (one more compilation); more than
+    ``max_physical_batch_size`` rows is refused.
+The chunk size only changes the summation order (about 1e-7 relative), never the result otherwise.
 
 Noise: ``jax.random`` with a key derived from ``(dp_seed, steps_done)`` (counter-based: resuming from a
 checkpoint replays exactly); with ``secure_rng`` from the OS CSPRNG on the host (Box-Muller, four
@@ -46,9 +52,9 @@ batch, so epsilon and the ledger do not depend on the number of devices.
 Sharp edges (several devices):
   * results equal a one-device run only up to floating-point summation order (about 1e-7 relative per
     step), not bit for bit; the noise itself is identical.
-  * ``max_physical_batch_size`` is the *global* physical batch: each device processes
-    ``ceil(max_physical_batch_size / devices)`` rows per ``lax.scan`` step (at least one row, and per unit at
-    least the largest unit of the batch, up to ``max_physical_batch_size``). Padded row counts are rounded
+  * ``max_physical_batch_size`` bounds the *global* rows per chunk: each device processes ``ceil(rows per
+    chunk / devices)`` rows per call of the step (at least one row, and per unit at least the largest unit
+    of the batch, up to ``max_physical_batch_size``). Padded row counts are rounded
     up to a multiple of the device count (more padding: more compute, no privacy effect); per unit, packing
     whole units into smaller per-device chunks can need more chunks than on one device.
   * ``predict`` runs replicated (every device computes every prediction); it is not sharded.
@@ -131,9 +137,11 @@ def _compiled_predict(model):
 
 @functools.lru_cache(maxsize=16)
 def _compiled_step(cfg: StepConfig):
-    """The jit-compiled DP step: (params, others, opt_state, xs (K, M, ...), ys, mask, seg | None,
-    key_data | None, noise | None) -> (params, opt_state, loss_sum). With ``cfg.mesh`` the batch arrays
-    are (D, K, m, ...), sharded along D; everything else is replicated."""
+    """The jit-compiled step on one chunk: (params, others, opt_state, acc, loss_acc, x (M, ...), y, mask,
+    seg | None, last, key_data | None, noise | None) -> (params, opt_state, acc, loss_acc). Adds the chunk's
+    clipped (or plain) gradient sum to ``acc``; where ``last`` (traced), adds the noise, divides by the expected
+    batch size, updates the parameters and returns a zero ``acc``. With ``cfg.mesh`` the batch arrays are
+    (D, m, ...), sharded along D; everything else is replicated."""
     tx = _optimizer(cfg.optimizer)
 
     def chunk_grads(params, others, x, y, mask, seg):
@@ -150,28 +158,7 @@ def _compiled_step(cfg: StepConfig):
         return fast_clip.clipped_grad_sum(apply_fn, params, x, y, mask, clip=cfg.clip, units=units,
                                           method=cfg.clipping)
 
-    def accumulate(params, others, xs, ys, mask, seg):
-        """Clipped (or plain) gradient sum and loss sum over the K chunks of xs (K, M, ...)."""
-        if xs.shape[0] == 1:
-            return chunk_grads(params, others, xs[0], ys[0], mask[0], None if seg is None else seg[0])
-
-        def body(carry, inp):
-            g, lsum = chunk_grads(params, others, *inp) if seg is not None else chunk_grads(
-                params, others, *inp, None)
-            return (jax.tree.map(jnp.add, carry[0], g), carry[1] + lsum), None
-
-        zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
-        inputs = (xs, ys, mask, seg) if seg is not None else (xs, ys, mask)
-        (grads, loss), _ = jax.lax.scan(body, zero, inputs)
-        return grads, loss
-
-    def step(params, others, opt_state, xs, ys, mask, seg, key_data, noise_flat):
-        if cfg.mesh is None:
-            grads, loss = accumulate(params, others, xs, ys, mask, seg)
-        else:  # each device sums its own shard (leading axis D); the sum over D is GSPMD's all-reduce
-            per_device = jax.vmap(accumulate, in_axes=(None, None, 0, 0, 0, 0))(params, others, xs, ys, mask, seg)
-            per_device = jax.lax.with_sharding_constraint(per_device, NamedSharding(cfg.mesh, PartitionSpec("data")))
-            grads, loss = jax.tree.map(lambda v: jnp.sum(v, axis=0), per_device)
+    def finish(params, opt_state, grads, key_data, noise_flat):
         if cfg.std > 0:
             if noise_flat is not None:
                 noise = ravel_pytree(grads)[1](noise_flat * cfg.std)
@@ -183,7 +170,19 @@ def _compiled_step(cfg: StepConfig):
             grads = jax.tree.map(jnp.add, grads, noise)
         grads = jax.tree.map(lambda g: g / cfg.expected_batch_size, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, jax.tree.map(jnp.zeros_like, grads)
+
+    def step(params, others, opt_state, acc, loss_acc, x, y, mask, seg, last, key_data, noise_flat):
+        if cfg.mesh is None:
+            grads, loss = chunk_grads(params, others, x, y, mask, seg)
+        else:  # each device sums its own shard (leading axis D); the sum over D is GSPMD's all-reduce
+            per_device = jax.vmap(chunk_grads, in_axes=(None, None, 0, 0, 0, 0))(params, others, x, y, mask, seg)
+            per_device = jax.lax.with_sharding_constraint(per_device, NamedSharding(cfg.mesh, PartitionSpec("data")))
+            grads, loss = jax.tree.map(lambda v: jnp.sum(v, axis=0), per_device)
+        acc = jax.tree.map(jnp.add, acc, grads)
+        params, opt_state, acc = jax.lax.cond(
+            last, lambda a: finish(*a, key_data, noise_flat), lambda a: a, (params, opt_state, acc))
+        return params, opt_state, acc, loss_acc + loss
 
     if cfg.mesh is None:
         return jax.jit(step)
@@ -237,6 +236,10 @@ class JaxTrainer:
                 plan.clipping_norm), std=self.std, expected_batch_size=float(plan.expected_batch_size),
             clipping=self.clipping, mesh=self.mesh))
         self._predict = _compiled_predict(model)
+        self._zero_acc = self._replicate((jax.tree.map(jnp.zeros_like, self.params), jnp.zeros((), jnp.float32)))
+        self._chunk_rows: int | None = None  # rows per chunk (global), fixed at the first batch (module docstring)
+        self._grouped = False  # the per-unit layout was used (an empty batch then keeps it: the same program)
+        self._compiled_at_init = self._step._cache_size()
 
     def _replicate(self, tree):
         """Several devices: a copy of ``tree`` on every device of the mesh; one device: ``tree`` itself."""
@@ -246,43 +249,59 @@ class JaxTrainer:
         return self.model.apply({"params": params, **self.others}, x)
 
     # ---- host side: static layout ----
+    def _bound(self) -> int:
+        """Units per step that a chunk is sized for: the truncation cap, or a Poisson bound (module docstring)."""
+        cap = getattr(self.plan.scheme, "max_batch_size", None)
+        if cap is not None:
+            return int(cap)
+        e = float(self.plan.expected_batch_size)
+        return -(-math.ceil(e + 4 * math.sqrt(e) + 1) // 8) * 8
+
     def _layout(self, batch: Batch):
         """Row indices (D, K, m) into the batch (-1 = padding) and, per unit, chunk-local unit ids: D devices,
-        K chunks per device (scanned), m rows per device and chunk. One device: (1, K, M) as it always was."""
+        K chunks per device (one call of the step each), m rows per device and chunk (fixed per run)."""
         n, d = len(batch), self.num_devices
         cap = getattr(self.plan.scheme, "max_batch_size", None)
-        per_unit = self.per_unit or len(np.unique(batch.units)) < n  # e.g. augmentation multiplicity
+        # per unit: also repeated units (augmentation multiplicity); an empty batch keeps the run's layout
+        per_unit = self.per_unit or len(np.unique(batch.units)) < n or (n == 0 and self._grouped)
         if not per_unit or self.plan.mode == "non_private":
             if cap is not None and n > cap:
                 raise TrainerError(f"batch: more rows than the plan's max_batch_size {cap}; the sampler truncates "
                                    "to it, so batches must come from the plan's sampler")
-            total = cap if cap is not None else _pow2(n)
-            m = -(-min(self.max_physical, total) // d)  # rows per device and chunk (global: m * d)
-            k = math.ceil(total / (m * d))
+            if self._chunk_rows is None:
+                self._chunk_rows = min(self.max_physical, self._bound())
+            m = -(-self._chunk_rows // d)  # rows per device and chunk (global: m * d)
+            k = max(1, math.ceil(n / (m * d)))
             slots = np.full((k * m, d), -1, dtype=np.int64)  # row i -> device i % d: real rows spread evenly
             slots.flat[:n] = np.arange(n)
             return slots.T.reshape(d, k, m), None
+        self._grouped = True
         uniq, inverse = np.unique(batch.units, return_inverse=True)
         if cap is not None and len(uniq) > cap:
             raise TrainerError(f"batch: more units than the plan's max_batch_size {cap}")
         order = np.argsort(inverse, kind="stable")
         groups = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1) if n else []
-        m = min(self.max_physical, _pow2(max(n, cap or 1)))
-        if d > 1:  # per device; a unit never spans devices, so a chunk holds at least the largest unit
-            m = max(-(-m // d), min(self.max_physical, _pow2(max((len(g) for g in groups), default=1))))
+        largest = max((len(g) for g in groups), default=1)
+        if largest > self.max_physical:
+            raise TrainerError("batch: a sampled privacy unit has more rows than "
+                               f"trainer.max_physical_batch_size={self.max_physical}; raise it")
+        if self._chunk_rows is None:  # rows per unit from this batch (an empty batch: one)
+            rows = -(-math.ceil((n / len(uniq) if n else 1) * self._bound()) // 8) * 8
+            self._chunk_rows = min(self.max_physical, rows)
+        m = -(-self._chunk_rows // d)  # per device; a unit never spans devices or chunks
+        if largest > m:  # a larger unit than the chunk was sized for: grow it (one more compilation)
+            m = min(self.max_physical, _pow2(largest))
+            self._chunk_rows = m * d
         chunks: list[list[np.ndarray]] = []
         size = m
         for g in groups:
-            if len(g) > m:
-                raise TrainerError("batch: a sampled privacy unit has more rows than "
-                                   f"trainer.max_physical_batch_size={self.max_physical}; raise it")
             if size + len(g) > m:
                 chunks.append([])
                 size = 0
             chunks[-1].append(g)
             size += len(g)
-        k = _pow2(max(-(-len(chunks) // d), 1))
-        idx = np.full((k, d, m), -1, dtype=np.int64)  # chunk c -> device c % d, scan step c // d
+        k = max(-(-len(chunks) // d), 1)
+        idx = np.full((k, d, m), -1, dtype=np.int64)  # chunk c -> device c % d, call c // d
         seg = np.zeros((k, d, m), dtype=np.int32)
         for c, gs in enumerate(chunks):
             rows = np.concatenate(gs)
@@ -293,12 +312,12 @@ class JaxTrainer:
     def _noise_inputs(self):
         if self.std == 0 or not self.secure:
             state = np.random.SeedSequence([self.dp_seed, 5, self.steps_done]).generate_state(2, np.uint32)
-            return self._replicate(jnp.asarray(state)), None
-        return self._replicate((jnp.zeros(2, jnp.uint32), jnp.asarray(secure_normal(self._n_params), jnp.float32)))
+            return self._replicate(jax.device_put(state)), None
+        return self._replicate(jax.device_put((np.zeros(2, np.uint32),
+                                               np.asarray(secure_normal(self._n_params), np.float32))))
 
-    def _device_batch(self, batch: Batch):
-        """(xs, ys, mask, seg | None) on the device(s): (K, M, ...) on one device; with several, (D, K, m, ...)
-        sharded along the leading axis D."""
+    def _host_batch(self, batch: Batch):
+        """(xs, ys, mask, seg | None) as numpy arrays: (K, M, ...) on one device; with several, (D, K, m, ...)."""
         idx, seg = self._layout(batch)
         if self.mesh is None:
             idx, seg = idx[0], None if seg is None else seg[0]
@@ -310,22 +329,39 @@ class JaxTrainer:
         else:  # noise-only step: any finite input, fully masked
             xs = np.zeros((*idx.shape, *self.model.input_shape), self.in_dtype)
             ys = np.zeros(idx.shape, np.int32)
+        return (np.asarray(xs, self.in_dtype), np.asarray(ys, np.int32), np.asarray(mask, np.float32),
+                None if seg is None else np.asarray(seg, np.int32))
+
+    def _put(self, arrays):
         if self.mesh is None:
-            return (jnp.asarray(xs, self.in_dtype), jnp.asarray(ys, jnp.int32), jnp.asarray(mask, jnp.float32),
-                    None if seg is None else jnp.asarray(seg))
-        arrays = (np.asarray(xs, self.in_dtype), np.asarray(ys, np.int32), np.asarray(mask, np.float32), seg)
+            return tuple(None if a is None else jax.device_put(a) for a in arrays)  # (jnp.asarray compiles)
         return jax.device_put(arrays, NamedSharding(self.mesh, PartitionSpec("data")))
 
+    def _device_batch(self, batch: Batch):
+        """(xs, ys, mask, seg | None) on the device(s): (K, M, ...) on one device; with several, (D, K, m, ...)
+        sharded along the leading axis D."""
+        return self._put(self._host_batch(batch))
+
     def dp_step(self, batch: Batch) -> StepStats:
-        xs, ys, mask, seg = self._device_batch(batch)
+        arrays = self._host_batch(batch)
+        axis = 0 if self.mesh is None else 1
+        k = arrays[0].shape[axis]
         key, noise = self._noise_inputs()
-        self.params, self.opt_state, loss = self._step(self.params, self.others, self.opt_state, xs, ys, mask, seg,
-                                                       key, noise)
+        acc, loss = self._zero_acc
+        for c in range(k):  # the same compiled program for every chunk (module docstring)
+            chunk = self._put(tuple(None if a is None else np.take(a, c, axis=axis) for a in arrays))
+            self.params, self.opt_state, acc, loss = self._step(
+                self.params, self.others, self.opt_state, acc, loss, *chunk, np.asarray(c == k - 1), key, noise)
         self.steps_done += 1
         if self.ema is not None:  # post-processing of the released parameters: no privacy cost
             d = ema_decay_at(self.ema_decay, self.steps_done)
             self.ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, self.ema, self.params)
         return StepStats(float(loss), float(batch.row_weights().sum()))
+
+    def compilations(self) -> int:
+        """Compilations of the step program since ``init`` (one per run, normally; none where a trainer of the same
+        configuration in this process already compiled the same shapes: the jit function is shared)."""
+        return self._step._cache_size() - self._compiled_at_init
 
     # ---- inference and state ----
     def predict(self, x: np.ndarray) -> np.ndarray:
