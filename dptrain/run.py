@@ -42,7 +42,7 @@ COVERS = ("the training records (add/remove one privacy unit) for everything und
           "checkpoint with the secret DP seed)")
 PUBLIC = ("the recipe (declared feature bounds and categories, model, optimiser, batch size, epochs, seeds of the "
           "split and the initialisation), the public initial weights, and the number of units as stated in 'units'")
-BACKBONE_PUBLIC = "; the pretrained backbone weights (model.backbone, sha256 in the record) are public"
+BACKBONE_PUBLIC = "; the pretrained backbone weights (model.backbone; the file's hash is in the record) are public"
 DP_BOUNDS_PUBLIC = ("; the coarse ranges of data.dp_bounds are declared public, the bounds estimated within them from "
                     "the training records are DP releases listed in 'releases' (dp_bounds:COLUMN)")
 

@@ -29,7 +29,8 @@ SMALL_IMAGES = ["data.image.size=16", "model.channels=[4, 4]", "model.strides=[2
                 "training.augmult=1", "training.batch_size=256", "trainer.max_physical_batch_size=256"]
 OVERRIDES = {"actg175-mlp.yaml": ["model.hidden=[8]", "privacy.audit.canaries=50", "data.validation_fraction=0.1"],
              "framingham-logistic.yaml": [], "br35h-cnn.yaml": SMALL_IMAGES, "br35h-cnn-gpu.yaml": SMALL_IMAGES,
-             "adult-fairness.yaml": ["privacy.audit.canaries=50"]}
+             "adult-fairness.yaml": ["privacy.audit.canaries=50"],
+             "br35h-pretrained.yaml": ["data.image.size=32", "training.batch_size=256"]}
 
 
 def test_every_train_recipe_is_covered():

@@ -135,6 +135,12 @@ def _compiled_predict(model):
     return jax.jit(predict)
 
 
+@jax.jit
+def _ema_update(ema, params, d):
+    """One compiled EMA update (op by op it dispatches three programs per parameter array, every step)."""
+    return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_step(cfg: StepConfig):
     """The jit-compiled step on one chunk: (params, others, opt_state, acc, loss_acc, x (M, ...), y, mask,
@@ -355,7 +361,7 @@ class JaxTrainer:
         self.steps_done += 1
         if self.ema is not None:  # post-processing of the released parameters: no privacy cost
             d = ema_decay_at(self.ema_decay, self.steps_done)
-            self.ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, self.ema, self.params)
+            self.ema = _ema_update(self.ema, self.params, np.float32(d))
         return StepStats(float(loss), float(batch.row_weights().sum()))
 
     def compilations(self) -> int:
