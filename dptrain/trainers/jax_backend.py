@@ -221,7 +221,8 @@ class JaxTrainer:
                                "(it declares input_shape and input_dtype); got " + type(model).__name__)
         self.model, self.plan, self.dp_seed = model, plan, int(dp_seed)
         self.in_dtype = jnp.dtype(getattr(model, "input_dtype", "float32"))
-        variables = dict(model.init(jax.random.key(seed), jnp.zeros((1, *shape), self.in_dtype)))
+        # one compiled program (op by op, flax's init compiles every primitive of the model separately)
+        variables = dict(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, *shape), self.in_dtype)))
         if "batch_stats" in variables:
             raise TrainerError(
                 "model: BatchNorm cannot be trained with DP: it mixes statistics across the examples of a batch, "
