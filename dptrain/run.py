@@ -183,7 +183,12 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
         return canaries
 
     canaries = dist.on_main(canaries_for_run)
-    session.start(dp_seed, (lambda: {"dp_bounds": bounds}) if bounds else None)  # persisted: resume never redraws
+    backbone = getattr(model, "provenance", None)  # a public pretrained backbone: its file's hash
+    fresh = {**({"dp_bounds": bounds} if bounds else {}), **({"backbone_sha256": backbone["sha256"]} if backbone else {})}
+    session.start(dp_seed, (lambda: fresh) if fresh else None)  # persisted: resume never redraws
+    if backbone and session.state.get("backbone_sha256", backbone["sha256"]) != backbone["sha256"]:
+        raise RunError(f"--resume: model.backbone {recipe.model.backbone!r} is not the weights file this run started "
+                       "with (its sha256 differs); restore the original file, or start a new run in a new --out")
     x_train, y_train, units_train = _with_canaries(data, canaries)
     trainer.init(model, plan, seed=recipe.seed, dp_seed=session.dp_seed, fix_batchnorm=recipe.model.fix_batchnorm,
                  ema=recipe.training.ema)

@@ -103,17 +103,24 @@ def load_folded(source: str) -> tuple[dict[str, np.ndarray], dict]:
         raise BackboneError(f"model.backbone: {source!r} holds a {type(state).__name__}, not a state dict")
     out: dict[str, np.ndarray] = {}
     expect = _shapes()
+
+    def tensor(key: str, shape: tuple[int, ...]):
+        if key not in state:
+            raise BackboneError(f"model.backbone: {source!r} has no {key!r}: it is not an EfficientNet-Lite0 "
+                                "state dict (keys as in the efficientnet-lite-pytorch package)")
+        v = state[key]
+        if not (isinstance(v, torch.Tensor) and v.layout == torch.strided and v.is_floating_point()):
+            raise BackboneError(f"model.backbone: {source!r}: {key} is not a dense real floating-point tensor; give "
+                                "an EfficientNet-Lite0 state dict")
+        if tuple(v.shape) != shape:
+            raise BackboneError(f"model.backbone: {source!r}: {key} has shape {tuple(v.shape)}, EfficientNet-Lite0 "
+                                f"has {shape}; give an EfficientNet-Lite0 state dict")
+        return v.double()
+
     for conv, bn in _convs():
-        try:
-            w = state[f"{conv}.weight"].double()
-            gamma, beta = state[f"{bn}.weight"].double(), state[f"{bn}.bias"].double()
-            mean, var = state[f"{bn}.running_mean"].double(), state[f"{bn}.running_var"].double()
-        except KeyError as err:
-            raise BackboneError(f"model.backbone: {source!r} has no {err.args[0]!r}: it is not an EfficientNet-Lite0 "
-                                "state dict (keys as in the efficientnet-lite-pytorch package)") from None
-        if tuple(w.shape) != expect[conv]:
-            raise BackboneError(f"model.backbone: {source!r}: {conv}.weight has shape {tuple(w.shape)}, "
-                                f"EfficientNet-Lite0 has {expect[conv]}; give an EfficientNet-Lite0 state dict")
+        w = tensor(f"{conv}.weight", expect[conv])
+        gamma, beta, mean, var = (tensor(f"{bn}.{k}", expect[conv][:1])
+                                  for k in ("weight", "bias", "running_mean", "running_var"))
         scale = gamma / torch.sqrt(var + BN_EPS)
         out[f"{conv}.weight"] = (w * scale[:, None, None, None]).float().numpy()
         out[f"{conv}.bias"] = (beta - mean * scale).float().numpy()
@@ -194,6 +201,10 @@ def build_torch_backbone_classifier(source: str | None, in_shape: tuple[int, ...
             self.head = nn.Linear(FEATURES, num_classes)
             if finetune == "head":
                 self.backbone.requires_grad_(False)
+
+        def _load_from_state_dict(self, *args, **kwargs):  # new weights: memoised features are stale
+            self._memo.clear()
+            return super()._load_from_state_dict(*args, **kwargs)
 
         def features(self, x):
             if x.shape[1] == 1:

@@ -95,8 +95,9 @@ def _intended_use(record: RunRecord, recipe: Recipe | None) -> list[str]:
         m = recipe.model
         arch = {"mlp": f"MLP, hidden layers {list(m.hidden)}", "logistic": "logistic regression",
                 "cnn": f"CNN, channels {list(m.channels)}",
-                "pretrained": f"EfficientNet-Lite0 backbone with public pretrained weights (`{m.backbone}`, not "
-                              "trained on these records"
+                "pretrained": "EfficientNet-Lite0 backbone with "
+                              + ("public ImageNet" if m.backbone.startswith("builtin:") else "declared-public")
+                              + f" pretrained weights (`{m.backbone}`, not trained on these records"
                               + (", frozen) and a DP-trained linear head" if m.finetune == "head" else
                                  ") fine-tuned with DP")}.get(m.name, m.name)
         lines.append(f"- Model: {arch}; backend `{recipe.trainer.backend}`; recipe `{recipe.name}`.")

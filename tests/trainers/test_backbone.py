@@ -89,9 +89,16 @@ def test_bad_weights_files_are_one_line_errors(tmp_path):
     sd = torch.load(load_folded(SRC)[1]["file"], weights_only=True)
     sd["_conv_stem.weight"] = sd["_conv_stem.weight"][:16]
     torch.save(sd, tmp_path / "narrow.pth")
+    sd = torch.load(load_folded(SRC)[1]["file"], weights_only=True)  # unmodified
+    variants = {"bn": ("_bn0.weight", torch.ones(1)), "list": ("_conv_stem.weight", [1.0, 2.0]),
+                "sparse": ("_conv_stem.weight", sd["_conv_stem.weight"].to_sparse()),
+                "complex": ("_bn0.bias", sd["_bn0.bias"].to(torch.complex64))}
+    for name, (key, value) in variants.items():
+        torch.save({**sd, key: value}, tmp_path / f"{name}.pth")
     cases = {str(tmp_path / "missing.pth"): "is not a file", str(tmp_path / "junk.pth"): "not a readable PyTorch",
              str(tmp_path / "linear.pth"): "has no '_conv_stem.weight'", str(tmp_path / "narrow.pth"): "has shape",
-             "builtin:resnet50": "not a built-in backbone"}
+             "builtin:resnet50": "not a built-in backbone", str(tmp_path / "bn.pth"): "_bn0.weight has shape",
+             **{str(tmp_path / f"{n}.pth"): "not a dense real floating-point" for n in ("list", "sparse", "complex")}}
     for source, words in cases.items():
         with pytest.raises(BackboneError, match=words) as err:
             load_folded(source)
@@ -144,3 +151,28 @@ def test_run_records_the_public_backbone_and_releases_a_working_model(tmp_path, 
         from dptrain.release.export import export_onnx
 
         assert export_onnx(out, tmp_path / "m.onnx").is_file()  # checked against the model by onnxruntime
+
+
+def test_resume_refuses_a_changed_weights_file(tmp_path, pinned_count):
+    """The record names the file the run started with: a resume with other weights at that path is refused."""
+    from dptrain.run import RunError, train
+
+    sd = torch.load(load_folded(SRC)[1]["file"], weights_only=True)
+    torch.save(sd, tmp_path / "w.pth")
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        Image.fromarray((rng.random((16, 16)) * 90 + (140 if i % 2 else 10)).astype(np.uint8)).save(tmp_path / f"i{i}.png")
+    pd.DataFrame({"path": [f"i{i}.png" for i in range(40)], "label": [i % 2 for i in range(40)]}).to_csv(
+        tmp_path / "m.csv", index=False)
+    recipe = parse_recipe({
+        "name": "bb", "data": {"source": str(tmp_path / "m.csv"), "label": "label", "positive_label": 1,
+                               "test_fraction": 0.25, "image": {"size": 16}},
+        "model": {"name": "pretrained", "backbone": str(tmp_path / "w.pth")},
+        "privacy": {"epsilon": 8, "delta": 1e-4}, "training": {"epochs": 1, "batch_size": 8}})
+    out = tmp_path / "run"
+    train(recipe, out, progress=False, keep_checkpoint=True)
+    (out / "private" / "record.json").unlink()  # as if the run had stopped before finishing
+    sd["_conv_head.weight"] = sd["_conv_head.weight"] * 0.5
+    torch.save(sd, tmp_path / "w.pth")
+    with pytest.raises(RunError, match="not the weights file this run started with"):
+        train(recipe, out, resume=True, progress=False)
