@@ -54,8 +54,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
 
     The graph takes the encoded inputs (``input``: float32 (batch, ...), dynamic batch) and returns the class
     probabilities (``probabilities``: (batch, classes)); the export is checked with onnxruntime against
-    :meth:`ReleasedModel.predict_proba` (max abs difference <= 1e-5) before it is written. Jax models are
-    exported through their torch twin (mlp, logistic); a jax cnn is refused."""
+    :meth:`ReleasedModel.predict_proba` (max abs difference <= 1e-5; 1e-4 with a pretrained backbone) before it
+    is written. Jax models are exported through their torch twin (mlp, logistic); a jax cnn is refused."""
     out = _check_out(Path(out), ".onnx", overwrite)
     torch, onnx, ort = _onnx_modules()
     from torch import nn
@@ -96,7 +96,9 @@ def export_onnx(run_dir: str | Path, out: str | Path, *, overwrite: bool = False
     onnx.checker.check_model(onnx.load_from_string(blob))
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     got = session.run(["probabilities"], {"input": probe})[0]
-    if np.max(np.abs(got - expected)) > ONNX_TOLERANCE:
+    # a pretrained backbone has ~70 layers: onnxruntime's float rounding reaches ~1e-5 in its features alone
+    tolerance = ONNX_TOLERANCE * (10 if model.model_config.name == "pretrained" else 1)
+    if np.max(np.abs(got - expected)) > tolerance:
         raise ReleaseError(f"ONNX export: onnxruntime differs from the released model by "
                            f"{np.max(np.abs(got - expected)):.2g}; not exported")
     atomic_write_bytes(out, blob)
