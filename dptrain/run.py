@@ -213,7 +213,7 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
         _write_predictions(rd.private / "predictions.parquet", data, probs)
         statement = run_statement(plan, session.ledger, recipe, session.count, releases=statement_releases(bounds),
                                   covers=COVERS, public=PUBLIC + (DP_BOUNDS_PUBLIC if bounds else "")
-                                  + (BACKBONE_PUBLIC if recipe.model.name == "pretrained" else ""))
+                                  + (BACKBONE_PUBLIC if backbone else ""))
         audit = _audit(trainer.predict, data, canaries, statement, recipe)
         atomic_write_json(rd.private / "audit.json", jsonable(audit))
         record = {
@@ -232,8 +232,8 @@ def _train_session(session: Session, recipe: Recipe, out: Path, dist, *, resume:
                          "steps": session.ledger.steps, "seconds_this_session": round(seconds, 2), "resumed": resume,
                          "world_size": dist.world_size, "devices": trainer.num_devices},
         }
-        if getattr(model, "provenance", None):  # a public pretrained backbone: which file, that it is public
-            record["training"]["backbone"] = model.provenance
+        if backbone:  # a public pretrained backbone: which file, that it is public
+            record["training"]["backbone"] = backbone
         record["model_files"] = str(session.release_dir().relative_to(rd.root))
 
         def write_release() -> None:  # the model, and its cards: publishable next to it, full in private/

